@@ -1,0 +1,51 @@
+# The two set-up commands of the README are `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DATA ?= data
+RUNS ?= runs
+TRAIN_CUTOUTS ?= 44000
+TEST_CUTOUTS ?= 6000
+
+.PHONY: serve test lint models bench install-serve install-test install-train clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Serving installs only what serving needs: no TensorFlow.
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[train,test]'
+	touch $@
+
+$(VENV)/.train: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[train]'
+	touch $@
+
+install-serve: $(VENV)/.serve
+install-test: $(VENV)/.test
+install-train: $(VENV)/.train
+
+serve: $(VENV)/.serve
+	$(BIN)/lensserve serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.test
+	$(BIN)/ruff check service training tests
+	$(BIN)/python -m pytest
+
+# Rebuild the three shipped models from scratch: simulate, train, evaluate, export.
+models: $(VENV)/.train
+	$(BIN)/python -m training simulate --out $(DATA)/train --n $(TRAIN_CUTOUTS) --seed 1
+	$(BIN)/python -m training simulate --out $(DATA)/test --n $(TEST_CUTOUTS) --seed 2
+	$(BIN)/python -m training train --data $(DATA)/train --runs $(RUNS)
+	$(BIN)/python -m training evaluate --data $(DATA)/test --runs $(RUNS)
+	$(BIN)/python -m training export --runs $(RUNS) --models models --data $(DATA)/train $(DATA)/test
+
+clean:
+	rm -rf $(DATA) $(RUNS) .pytest_cache .ruff_cache

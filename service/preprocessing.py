@@ -1,0 +1,88 @@
+"""The one preprocessing step between a decoded cutout and a network input.
+
+Training imports this module, so the service and the models can never disagree
+on how pixels are normalised. Pure numpy; no I/O.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+#: Identifier written into every model card; bump it when the maths changes.
+PREPROCESSING_ID = "asinh_noise_v1"
+
+#: Width of the border (pixels) whose median sets each band's background.
+_BORDER_PIXELS = 4
+#: Noise multiple at which the asinh stretch turns from linear to logarithmic.
+_ASINH_SOFTENING_SIGMA = 3.0
+#: Floor on the noise estimate, relative to the brightest pixel, for noiseless inputs.
+_RELATIVE_NOISE_FLOOR = 1e-6
+
+
+def masked_fraction(cube: NDArray[np.floating]) -> float:
+    """Fraction (0-1) of non-finite pixels in a cutout of any shape."""
+    return float(np.count_nonzero(~np.isfinite(cube)) / max(cube.size, 1))
+
+
+def _border_median(band: NDArray[np.float64]) -> float:
+    """Median of the finite pixels in the outer frame of one band."""
+    inner = np.ones(band.shape, dtype=bool)
+    inner[_BORDER_PIXELS:-_BORDER_PIXELS, _BORDER_PIXELS:-_BORDER_PIXELS] = False
+    frame = band[inner]
+    frame = frame[np.isfinite(frame)]
+    return float(np.median(frame)) if frame.size else 0.0
+
+
+def _robust_sigma(values: NDArray[np.float64]) -> float:
+    """Gaussian-equivalent standard deviation from the median absolute deviation."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(finite - np.median(finite))))
+
+
+def preprocess_cutout(cube: NDArray[np.floating]) -> NDArray[np.float32]:
+    """Turn one band-ordered cutout into the network input.
+
+    Each band loses its background (median of the border), the cube is divided
+    by one noise scale shared by all bands (so colours survive) and passed
+    through an asinh stretch. The result does not depend on the flux unit:
+    multiplying ``cube`` by any positive constant leaves it unchanged up to
+    float rounding. Masked (NaN/inf) pixels become the background, 0.
+
+    Parameters
+    ----------
+    cube : ndarray, shape (n_bands, ny, nx)
+        Linear fluxes in any unit, bands in the model's order (g, r, i).
+
+    Returns
+    -------
+    ndarray, shape (ny, nx, n_bands), float32
+        Channels-last input in units of asinh(flux / (3 sigma_noise)).
+    """
+    data = np.asarray(cube, dtype=np.float64)
+    if data.ndim != 3:
+        raise ValueError(f"expected a (bands, ny, nx) cube, got shape {data.shape}")
+    background = np.array([_border_median(band) for band in data])
+    data = data - background[:, None, None]
+    sigma = np.median([_robust_sigma(band) for band in data])
+    peak = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 0.0
+    sigma = max(sigma, peak * _RELATIVE_NOISE_FLOOR)
+    if sigma <= 0.0:
+        # An all-zero (or all-masked) cutout carries no signal; keep it zero.
+        sigma = 1.0
+    scaled = np.arcsinh(data / (_ASINH_SOFTENING_SIGMA * sigma))
+    scaled[~np.isfinite(scaled)] = 0.0
+    return np.ascontiguousarray(np.moveaxis(scaled, 0, -1), dtype=np.float32)
+
+
+def preprocess_batch(cubes: NDArray[np.floating]) -> NDArray[np.float32]:
+    """Apply :func:`preprocess_cutout` to a stack of shape (n, bands, ny, nx)."""
+    return (
+        np.stack([preprocess_cutout(cube) for cube in cubes])
+        if len(cubes)
+        else np.zeros(
+            (0, *np.asarray(cubes).shape[2:], np.asarray(cubes).shape[1]), dtype=np.float32
+        )
+    )

@@ -1,0 +1,76 @@
+"""Command line for the offline pipeline: simulate, train, evaluate, export."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from training.config import SimulationConfig
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from training.dataset import simulate_dataset
+
+    config = replace(SimulationConfig(), seed=args.seed, n_cutouts=args.n)
+    started = time.perf_counter()
+    simulate_dataset(config, Path(args.out), workers=args.workers)
+    print(f"simulated {args.n} cutouts into {args.out} in {time.perf_counter() - started:.0f} s")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from training.train import train_all
+
+    train_all(Path(args.data), Path(args.runs), quick=args.quick)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from training.evaluate import evaluate_all
+
+    evaluate_all(Path(args.data), Path(args.runs))
+
+
+def _export(args: argparse.Namespace) -> None:
+    from training.export import export_all
+
+    export_all(Path(args.runs), Path(args.models), data_dirs=[Path(d) for d in args.data])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    simulate = commands.add_parser("simulate", help="simulate cutouts into NPZ shards")
+    simulate.add_argument("--out", required=True, help="output directory")
+    simulate.add_argument("--n", type=int, default=1000, help="number of cutouts")
+    simulate.add_argument("--seed", type=int, default=SimulationConfig.seed)
+    simulate.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    simulate.set_defaults(handler=_simulate)
+
+    train = commands.add_parser("train", help="train the three models")
+    train.add_argument("--data", required=True, help="training data directory")
+    train.add_argument("--runs", required=True, help="directory for trained Keras models")
+    train.add_argument("--quick", action="store_true", help="one epoch each (tests)")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="metrics and plots on a test split")
+    evaluate.add_argument("--data", required=True, help="test data directory")
+    evaluate.add_argument("--runs", required=True)
+    evaluate.set_defaults(handler=_evaluate)
+
+    export = commands.add_parser("export", help="ONNX + Keras + model cards into models/")
+    export.add_argument("--runs", required=True)
+    export.add_argument("--models", default="models")
+    export.add_argument(
+        "--data", nargs="+", default=[], help="train/test data dirs (for the cards)"
+    )
+    export.set_defaults(handler=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.handler(args)
+    return 0

@@ -1,0 +1,221 @@
+"""Export trained Keras models to ONNX (tf2onnx) with a JSON model card each.
+
+The card is the contract with the service: input name, shape, dtype, bands,
+pixel scale and preprocessing id; outputs with meaning and units; training
+data; metrics; the ONNX file name and its sha256.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import keras
+import onnx
+import tensorflow as tf
+import tf2onnx
+
+from service.preprocessing import PREPROCESSING_ID
+from training.config import BANDS, PIXEL_SCALE_ARCSEC
+from training.evaluate import METRICS_FILE, PLOT_FILES
+from training.models import PARAMETER_NAMES, build_mc_sampler, mc_trunk_and_head
+from training.train import RUN_FILES, TRAINING_SUMMARY
+
+MODEL_VERSION = "1.0.0"
+ONNX_OPSET = 17
+
+_OUTPUTS = {
+    "lens_classifier": [
+        {
+            "name": "lens_probability",
+            "shape": [None, 1],
+            "dtype": "float32",
+            "meaning": "probability that the cutout is a strong gravitational lens",
+            "unit": "probability",
+        },
+    ],
+    "einstein_radius": [
+        {
+            "name": "parameters",
+            "shape": [None, len(PARAMETER_NAMES)],
+            "dtype": "float32",
+            "meaning": "deflector mass parameters (point estimates), in the order of components",
+            "components": list(PARAMETER_NAMES),
+            "units": ["arcsec", "", "", "arcsec", "arcsec"],
+        },
+    ],
+    "einstein_radius_mc": [
+        {
+            "name": "theta_E_samples",
+            "shape": [None, None],
+            "dtype": "float32",
+            "meaning": "theta_E mean of each MC-dropout pass (batch, num_samples)",
+            "unit": "arcsec",
+        },
+        {
+            "name": "theta_E_log_variance_samples",
+            "shape": [None, None],
+            "dtype": "float32",
+            "meaning": "aleatoric log-variance of theta_E for each pass (calibrated)",
+            "unit": "log(arcsec^2)",
+        },
+    ],
+}
+
+_DESCRIPTIONS = {
+    "lens_classifier": "CNN lens finder: P(strong lens) for a g, r, i DES-like cutout.",
+    "einstein_radius": "CNN regressor of the deflector's Einstein radius, ellipticity and centre "
+    "(Hezaveh et al. 2017), trained on lenses only.",
+    "einstein_radius_mc": "Heteroscedastic MC-dropout model of theta_E "
+    "(Perreault Levasseur et al. 2017): "
+    "each pass returns a mean and log-variance; the predictive distribution is "
+    "their equal-weight Gaussian mixture.",
+}
+
+
+def _function_for(name: str, model: keras.Model):
+    """The tf.function exported for each model, with named inputs and outputs."""
+    image_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="image")
+    if name == "einstein_radius_mc":
+        trunk, head = mc_trunk_and_head(model)
+        return build_mc_sampler(trunk, head, tuple(model.input_shape[1:]))
+    output_name = _OUTPUTS[name][0]["name"]
+
+    @tf.function(input_signature=[image_spec])
+    def predict(image):
+        return tf.identity(model(image, training=False), name=output_name)
+
+    return predict
+
+
+def _rename_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
+    """Give the graph outputs stable names (tf2onnx names them after TF tensors)."""
+    for output, new in zip(proto.graph.output, names, strict=True):
+        old = output.name
+        for node in proto.graph.node:
+            node.output[:] = [new if o == old else o for o in node.output]
+            node.input[:] = [new if i == old else i for i in node.input]
+        output.name = new
+
+
+def export_onnx(name: str, model: keras.Model, path: Path) -> None:
+    """Convert one model with tf2onnx and write it to ``path``."""
+    function = _function_for(name, model)
+    proto, _ = tf2onnx.convert.from_function(
+        function, input_signature=function.input_signature, opset=ONNX_OPSET
+    )
+    _rename_outputs(proto, [o["name"] for o in _OUTPUTS[name]])
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _training_data(data_dirs: list[Path]) -> dict:
+    described = {}
+    for data_dir in data_dirs:
+        config_file = data_dir / "simulation.json"
+        if config_file.exists():
+            config = json.loads(config_file.read_text())
+            described[data_dir.name] = {
+                "simulator": "training.simulate (lenstronomy)",
+                "n_cutouts": config["n_cutouts"],
+                "seed": config["seed"],
+                "config": config,
+            }
+    return described
+
+
+def model_card(
+    name: str,
+    model: keras.Model,
+    *,
+    onnx_path: Path,
+    keras_file: str,
+    metrics: dict,
+    training: dict,
+    data_dirs: list[Path],
+) -> dict:
+    card = {
+        "name": name,
+        "version": MODEL_VERSION,
+        "description": _DESCRIPTIONS[name],
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "input": {
+            "name": "image",
+            "shape": [None, *model.input_shape[1:]],
+            "dtype": "float32",
+            "layout": "NHWC",
+            "bands": list(BANDS),
+            "pixel_scale_arcsec": PIXEL_SCALE_ARCSEC,
+            "preprocessing": PREPROCESSING_ID,
+        },
+        "extra_inputs": [],
+        "outputs": _OUTPUTS[name],
+        "training": training,
+        "training_data": _training_data(data_dirs),
+        "metrics": metrics.get(name, {}),
+        "onnx_file": onnx_path.name,
+        "onnx_sha256": sha256_of(onnx_path),
+        "onnx_opset": ONNX_OPSET,
+        "keras_file": keras_file,
+    }
+    if name == "einstein_radius_mc":
+        card["extra_inputs"] = [
+            {
+                "name": "num_samples",
+                "shape": [],
+                "dtype": "int32",
+                "meaning": "MC-dropout passes per cutout (one trunk pass, T head passes)",
+            }
+        ]
+        card["default_num_samples"] = int(training.get("model_config", {}).get("mc_samples", 100))
+        card["aleatoric_calibration_factor"] = training.get("aleatoric_calibration_factor")
+    return card
+
+
+def export_all(runs_dir: Path, models_dir: Path, *, data_dirs: list[Path]) -> list[Path]:
+    """Write ``<name>.onnx``, ``<name>.keras`` and ``<name>.json`` for each model."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = runs_dir / METRICS_FILE
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    summary_file = runs_dir / TRAINING_SUMMARY
+    training = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    cards = []
+    for name, keras_file in RUN_FILES.items():
+        model = keras.saving.load_model(runs_dir / keras_file, compile=False)
+        onnx_path = models_dir / f"{name}.onnx"
+        export_onnx(name, model, onnx_path)
+        shutil.copyfile(runs_dir / keras_file, models_dir / keras_file)
+        card = model_card(
+            name,
+            model,
+            onnx_path=onnx_path,
+            keras_file=keras_file,
+            metrics=metrics,
+            training=training,
+            data_dirs=data_dirs,
+        )
+        card_path = models_dir / f"{name}.json"
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        cards.append(card_path)
+        for plot in PLOT_FILES[name]:
+            if (runs_dir / plot).exists():
+                shutil.copyfile(runs_dir / plot, models_dir / plot)
+    return cards

@@ -1,0 +1,178 @@
+"""Keras 3 builders for the three lensserve models.
+
+Every model is a deterministic convolutional trunk followed by a task head
+(keras-hub style: backbone separate from head, stable derived layer names).
+``einstein_radius_mc`` reuses the ``einstein_radius`` trunk and puts all its
+dropout in a small head, so T Monte Carlo samples cost one trunk pass plus T
+cheap head passes (see :func:`build_mc_sampler`).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from training.config import ModelConfig
+
+#: Order of the regressed deflector parameters (arcsec for theta_E and centres).
+PARAMETER_NAMES: tuple[str, ...] = ("theta_E", "e1", "e2", "center_x", "center_y")
+#: Typical centre and spread of each parameter; the regressor's last layer
+#: maps unit-scale outputs to physical units with these, so losses are balanced.
+PARAMETER_OFFSETS: tuple[float, ...] = (1.75, 0.0, 0.0, 0.0, 0.0)
+PARAMETER_SCALES: tuple[float, ...] = (0.75, 0.12, 0.12, 0.1, 0.1)
+
+
+@keras.saving.register_keras_serializable(package="lensserve")
+class McDropout(keras.layers.Layer):
+    """Dropout that is always on, built on ``tf.random.uniform``.
+
+    Keras' own ``Dropout(training=True)`` exports to ONNX as
+    ``StatelessRandomUniformV2``, which tf2onnx cannot convert; this layer
+    exports as ``RandomUniformLike`` and stays stochastic in onnxruntime.
+    """
+
+    def __init__(self, rate: float, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+        self.rate = float(rate)
+
+    def call(self, inputs):
+        keep = 1.0 - self.rate
+        uniform = tf.random.uniform(tf.shape(inputs), dtype=inputs.dtype)
+        return inputs * tf.cast(uniform < keep, inputs.dtype) / keep
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate}
+
+
+@keras.saving.register_keras_serializable(package="lensserve")
+class Affine(keras.layers.Layer):
+    """Fixed per-channel ``x * scale + offset`` (maps unit outputs to physical units)."""
+
+    def __init__(self, scale: list[float], offset: list[float], **kwargs):
+        super().__init__(**kwargs)
+        self.scale = [float(s) for s in scale]
+        self.offset = [float(o) for o in offset]
+
+    def call(self, inputs):
+        return inputs * tf.constant(self.scale, inputs.dtype) + tf.constant(
+            self.offset, inputs.dtype
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale, "offset": self.offset}
+
+
+@keras.saving.register_keras_serializable(package="lensserve")
+class RepeatSamples(keras.layers.Layer):
+    """Tile features (batch, d) to (batch, num_samples, d) for MC dropout passes."""
+
+    def __init__(self, num_samples: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_samples = int(num_samples)
+
+    def call(self, inputs):
+        return tf.tile(inputs[:, None, :], [1, self.num_samples, 1])
+
+    def get_config(self):
+        return {**super().get_config(), "num_samples": self.num_samples}
+
+
+def build_trunk(config: ModelConfig, *, name: str) -> keras.Model:
+    """Deterministic CNN: image (64, 64, 3) -> feature vector (``config.feature_units``)."""
+    image = keras.Input(shape=config.input_shape, name="image")
+    x = image
+    stages = zip(config.stage_filters, config.convs_per_stage, strict=True)
+    for stage, (filters, n_convs) in enumerate(stages):
+        for conv in range(n_convs):
+            prefix = f"{name}_stage{stage}_conv{conv}"
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=prefix)(x)
+            x = keras.layers.BatchNormalization(name=f"{prefix}_bn")(x)
+            x = keras.layers.Activation("relu", name=f"{prefix}_relu")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"{name}_stage{stage}_pool")(x)
+    # Flatten, not global pooling: the centre offsets need absolute position.
+    x = keras.layers.Flatten(name=f"{name}_flatten")(x)
+    x = keras.layers.Dense(config.feature_units, activation="relu", name=f"{name}_features")(x)
+    return keras.Model(image, x, name=name)
+
+
+def build_lens_classifier(config: ModelConfig) -> keras.Model:
+    """P(lens) for a preprocessed cutout: output ``lens_probability``, shape (batch, 1)."""
+    image = keras.Input(shape=config.input_shape, name="image")
+    features = build_trunk(config, name="lens_classifier_trunk")(image)
+    x = keras.layers.Dropout(config.train_dropout, name="lens_classifier_dropout")(features)
+    logit = keras.layers.Dense(1, name="lens_classifier_logit")(x)
+    probability = keras.layers.Activation("sigmoid", name="lens_probability")(logit)
+    return keras.Model(image, probability, name="lens_classifier")
+
+
+def build_einstein_radius(config: ModelConfig) -> keras.Model:
+    """Point estimates of ``PARAMETER_NAMES``: output ``parameters``, shape (batch, 5)."""
+    image = keras.Input(shape=config.input_shape, name="image")
+    features = build_trunk(config, name="einstein_radius_trunk")(image)
+    x = keras.layers.Dropout(config.train_dropout, name="einstein_radius_dropout")(features)
+    unit = keras.layers.Dense(len(PARAMETER_NAMES), name="einstein_radius_unit")(x)
+    parameters = Affine(list(PARAMETER_SCALES), list(PARAMETER_OFFSETS), name="parameters")(unit)
+    return keras.Model(image, parameters, name="einstein_radius")
+
+
+def build_mc_head(config: ModelConfig, *, log_variance_offset: float = 0.0) -> keras.Model:
+    """Stochastic head: features (..., d) -> (..., 2) = [theta_E mean, log-variance].
+
+    ``log_variance_offset`` adds 2 ln(s) to the log-variance: the post-hoc
+    calibration factor s on the aleatoric standard deviation.
+    """
+    features = keras.Input(shape=(None, config.feature_units), name="features")
+    x = McDropout(config.mc_dropout, name="mc_dropout_0")(features)
+    x = keras.layers.Dense(config.mc_head_units, activation="relu", name="mc_dense_0")(x)
+    x = McDropout(config.mc_dropout, name="mc_dropout_1")(x)
+    unit = keras.layers.Dense(2, name="mc_unit")(x)
+    out = Affine(
+        [PARAMETER_SCALES[0], 1.0],
+        [PARAMETER_OFFSETS[0], log_variance_offset],
+        name="theta_E_mean_log_variance",
+    )(unit)
+    return keras.Model(features, out, name="einstein_radius_mc_head")
+
+
+def build_einstein_radius_mc(
+    trunk: keras.Model, head: keras.Model, *, num_samples: int
+) -> keras.Model:
+    """MC-dropout model: image -> (batch, num_samples, 2) [theta_E mean, log-variance]."""
+    image = keras.Input(shape=trunk.input.shape[1:], name="image")
+    features = trunk(image)
+    repeated = RepeatSamples(num_samples, name="repeat_samples")(features)
+    return keras.Model(image, head(repeated), name="einstein_radius_mc")
+
+
+def mc_trunk_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """The (trunk, head) sub-models of a model built by :func:`build_einstein_radius_mc`."""
+    trunk = next(layer for layer in model.layers if layer.name.endswith("_trunk"))
+    head = model.get_layer("einstein_radius_mc_head")
+    return trunk, head
+
+
+def build_mc_sampler(trunk: keras.Model, head: keras.Model, input_shape: tuple[int, ...]):
+    """A ``tf.function`` (image, num_samples) -> (means, log_variances), each (batch, T).
+
+    This is the graph exported to ONNX: one trunk pass per cutout, then the
+    head on T tiled copies of the features, so T samples cost little more
+    than one pass.
+    """
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec((None, *input_shape), tf.float32, name="image"),
+            tf.TensorSpec((), tf.int32, name="num_samples"),
+        ]
+    )
+    def sample(image, num_samples):
+        features = trunk(image, training=False)
+        repeated = tf.tile(features[:, None, :], tf.stack([1, num_samples, 1]))
+        out = head(repeated, training=False)
+        means = tf.identity(out[..., 0], name="theta_E_samples")
+        log_variances = tf.identity(out[..., 1], name="theta_E_log_variance_samples")
+        return means, log_variances
+
+    return sample
