@@ -45,7 +45,7 @@ class SimulationConfig:
     seed: int = 20261122
     n_cutouts: int = 1000
     lens_fraction: float = 0.5
-    shard_size: int = 2000
+    shard_size: int = 1000
     supersampling: int = 3
     """Sub-pixels per pixel side when ray-shooting (pixels are 0.263 arcsec)."""
     # Observing conditions

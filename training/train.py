@@ -18,7 +18,6 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 from numpy.typing import NDArray
 
 from service.preprocessing import preprocess_batch
@@ -26,8 +25,8 @@ from service.uncertainty import summarise_mc_samples
 from training.augment import PARAMETER_COLUMNS, random_symmetry
 from training.config import ModelConfig, TrainingConfig
 from training.dataset import Dataset, load_dataset
+from training.losses import gaussian_nll, scaled_mse
 from training.models import (
-    PARAMETER_SCALES,
     build_einstein_radius,
     build_einstein_radius_mc,
     build_lens_classifier,
@@ -40,22 +39,6 @@ RUN_FILES = {
     "einstein_radius_mc": "einstein_radius_mc.keras",
 }
 TRAINING_SUMMARY = "training.json"
-
-
-@keras.saving.register_keras_serializable(package="lensserve")
-def scaled_mse(y_true, y_pred):
-    """Mean squared error with each parameter divided by its typical spread."""
-    scale = tf.constant(PARAMETER_SCALES, y_pred.dtype)
-    return tf.reduce_mean(tf.square((y_true - y_pred) / scale), axis=-1)
-
-
-@keras.saving.register_keras_serializable(package="lensserve")
-def gaussian_nll(y_true, y_pred):
-    """Negative log-likelihood of theta_E under N(mean, exp(log_variance)) (up to a constant)."""
-    mean, log_variance = y_pred[..., 0], y_pred[..., 1]
-    return tf.reduce_mean(
-        0.5 * (log_variance + tf.square(y_true[..., 0] - mean) * tf.exp(-log_variance)), axis=-1
-    )
 
 
 class AugmentedBatches(keras.utils.PyDataset):

@@ -1,0 +1,48 @@
+"""The one preprocessing: shape, flux-unit invariance, masked pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.preprocessing import masked_fraction, preprocess_batch, preprocess_cutout
+
+
+@pytest.fixture
+def cube() -> np.ndarray:
+    rng = np.random.default_rng(42)
+    y, x = np.mgrid[:64, :64]
+    galaxy = 300.0 * np.exp(-((x - 31.5) ** 2 + (y - 31.5) ** 2) / 20.0)
+    return np.stack(
+        [galaxy * c + rng.normal(0, s, (64, 64)) for c, s in ((0.3, 1.2), (0.7, 1.6), (1.0, 3.0))]
+    )
+
+
+def test_shape_and_dtype(cube):
+    out = preprocess_cutout(cube)
+    assert out.shape == (64, 64, 3) and out.dtype == np.float32
+    assert preprocess_batch(cube[None]).shape == (1, 64, 64, 3)
+    assert preprocess_batch(np.zeros((0, 3, 64, 64))).shape == (0, 64, 64, 3)
+
+
+@pytest.mark.parametrize("factor", [1e-6, 0.37, 1.0, 58.0, 1e9])
+def test_output_does_not_depend_on_the_flux_unit(cube, factor):
+    np.testing.assert_allclose(preprocess_cutout(cube * factor), preprocess_cutout(cube), atol=1e-5)
+
+
+def test_masked_pixels_become_background_and_are_counted(cube):
+    masked = cube.copy()
+    masked[:, :, 10] = np.nan
+    assert masked_fraction(masked) == pytest.approx(1 / 64)
+    out = preprocess_cutout(masked)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_array_equal(out[:, 10, :], 0.0)
+    # Unmasked pixels barely move: the background and noise estimates are robust.
+    keep = np.ones(64, bool)
+    keep[10] = False
+    np.testing.assert_allclose(out[:, keep], preprocess_cutout(cube)[:, keep], atol=0.05)
+
+
+def test_blank_cutout_stays_zero():
+    assert np.all(preprocess_cutout(np.zeros((3, 64, 64))) == 0.0)
+    assert np.all(preprocess_cutout(np.full((3, 64, 64), np.nan)) == 0.0)

@@ -1,0 +1,51 @@
+"""A tiny simulate -> train -> evaluate -> export -> onnxruntime run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("lenstronomy")
+
+from training.cli import main  # noqa: E402
+from training.dataset import load_dataset  # noqa: E402
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end(tmp_path):
+    data, runs, models = tmp_path / "data", tmp_path / "runs", tmp_path / "models"
+    assert (
+        main(["simulate", "--out", str(data), "--n", "160", "--seed", "3", "--workers", "2"]) == 0
+    )
+    dataset = load_dataset(data)
+    assert dataset.images.shape == (160, 3, 64, 64)
+    assert dataset.labels["is_lens"].sum() == 80
+    lens_theta = dataset.labels["theta_E"][dataset.labels["is_lens"] == 1]
+    assert np.all((lens_theta >= 0.45) & (lens_theta <= 3.2))
+    assert np.all(np.isnan(dataset.labels["theta_E"][dataset.labels["is_lens"] == 0]))
+
+    assert main(["train", "--data", str(data), "--runs", str(runs), "--quick"]) == 0
+    assert main(["evaluate", "--data", str(data), "--runs", str(runs)]) == 0
+    assert main(["export", "--runs", str(runs), "--models", str(models), "--data", str(data)]) == 0
+
+    image = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    for name in ("lens_classifier", "einstein_radius", "einstein_radius_mc"):
+        card = json.loads((models / f"{name}.json").read_text())
+        onnx_file = models / card["onnx_file"]
+        assert hashlib.sha256(onnx_file.read_bytes()).hexdigest() == card["onnx_sha256"]
+        assert card["metrics"]["test_split"]["n_cutouts"] == 160
+        assert card["training_data"]["data"]["n_cutouts"] == 160
+        session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        feeds = {"image": image}
+        if card["extra_inputs"]:
+            feeds["num_samples"] = np.int32(5)
+        outputs = session.run(None, feeds)
+        assert all(np.all(np.isfinite(o)) for o in outputs)
+    assert (models / "lens_classifier_roc.png").stat().st_size > 1000
+    mc_metrics = json.loads((models / "einstein_radius_mc.json").read_text())["metrics"]
+    assert 0.0 <= mc_metrics["coverage_68"] <= 1.0

@@ -1,0 +1,24 @@
+"""Losses, registered so that saved models load with their compile config."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from training.models import PARAMETER_SCALES
+
+
+@keras.saving.register_keras_serializable(package="lensserve")
+def scaled_mse(y_true, y_pred):
+    """Mean squared error with each parameter divided by its typical spread."""
+    scale = tf.constant(PARAMETER_SCALES, y_pred.dtype)
+    return tf.reduce_mean(tf.square((y_true - y_pred) / scale), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="lensserve")
+def gaussian_nll(y_true, y_pred):
+    """Negative log-likelihood of theta_E under N(mean, exp(log_variance)) (up to a constant)."""
+    mean, log_variance = y_pred[..., 0], y_pred[..., 1]
+    return tf.reduce_mean(
+        0.5 * (log_variance + tf.square(y_true[..., 0] - mean) * tf.exp(-log_variance)), axis=-1
+    )
