@@ -80,7 +80,9 @@ class SimulationConfig:
     """Source offset (fraction of theta_E, uniform in area) for lenses."""
     # Lens visibility rule
     min_arc_snr: float = 20.0
-    min_magnification: float = 2.0
+    min_magnification: float = 3.0
+    require_resolved: bool = True
+    """Collett (2015): theta_E^2 > r_source^2 + (seeing FWHM / 2)^2 in the r band."""
     # Negatives: relative frequencies of the kinds of non-lens
     negative_kinds: tuple[tuple[str, float], ...] = (
         ("plain", 0.2),
@@ -119,8 +121,8 @@ class TrainingConfig:
 
     seed: int = 7
     batch_size: int = 128
-    classifier_epochs: int = 12
-    regressor_epochs: int = 30
+    classifier_epochs: int = 16
+    regressor_epochs: int = 25
     mc_head_epochs: int = 60
     learning_rate: float = 2e-3
     validation_fraction: float = 0.1

@@ -7,10 +7,12 @@ noisy g, r, i cube in AB zero point 30 fluxes (the format of
 ``shared/samples``). Lensing uses lenstronomy's ray shooting (SIE or EPL plus
 external shear); light uses its Sersic and Gaussian profiles.
 
-Lens visibility rule (kept lenses only): the lensed source's signal-to-noise,
-sum(S) / sqrt(sum(sigma^2)) over the pixels where the PSF-convolved source
-exceeds the pixel noise sigma, is at least ``min_arc_snr`` (20) in the best of
-g, r, i, and the total magnification is at least ``min_magnification`` (2).
+Lens visibility rule (kept lenses only), after Collett (2015): the lensed
+source's signal-to-noise, sum(S) / sqrt(sum(sigma^2)) over the pixels where
+the PSF-convolved source exceeds the pixel noise sigma, is at least
+``min_arc_snr`` (20) in the best of g, r, i; the total magnification is at
+least ``min_magnification`` (3); and the lens is resolved,
+theta_E^2 > r_source^2 + (FWHM_r / 2)^2.
 """
 
 from __future__ import annotations
@@ -535,6 +537,15 @@ def arc_snr(source: NDArray, sigma: NDArray) -> float:
     return best
 
 
+def _resolved(scene: Scene, cfg: SimulationConfig) -> bool:
+    """Collett (2015) resolvability of the arcs in the r band."""
+    if not cfg.require_resolved:
+        return True
+    theta_e = scene.lens_kwargs[0]["theta_E"]
+    source_size = scene.labels["source_r_eff_arcsec"]
+    return theta_e**2 > source_size**2 + (scene.psf_fwhm_arcsec["r"] / 2) ** 2
+
+
 def simulate_cutout(
     rng: np.random.Generator, cfg: SimulationConfig, *, is_lens: bool
 ) -> tuple[NDArray[np.float32], dict]:
@@ -557,7 +568,11 @@ def simulate_cutout(
             )
             magnification = float(components["source"][1].sum() / unlensed)
             scene.labels.update(arc_snr=snr, magnification=magnification)
-            if snr >= cfg.min_arc_snr and magnification >= cfg.min_magnification:
+            if (
+                snr >= cfg.min_arc_snr
+                and magnification >= cfg.min_magnification
+                and _resolved(scene, cfg)
+            ):
                 break
             center = (scene.lens_kwargs[0]["center_x"], scene.lens_kwargs[0]["center_y"])
             scene.source = _draw_source(
