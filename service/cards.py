@@ -1,0 +1,261 @@
+"""Model cards: the JSON contract between ``training/`` and ``service/``.
+
+Each ONNX model in ``models/`` ships with a JSON card naming its input (tensor
+name, shape, layout, bands, pixel scale, preprocessing id) and outputs (names,
+shapes, units). The service reads the card and never guesses; it also checks
+the ONNX file against the card's SHA-256 so a half-copied or swapped model is
+refused at start-up rather than answering with the wrong numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import ModelUnavailableError
+from service.preprocessing import PREPROCESSING_ID
+
+#: Card names of the three models the service needs, by role.
+CLASSIFIER_NAME = "lens_classifier"
+REGRESSOR_NAME = "einstein_radius"
+MC_NAME = "einstein_radius_mc"
+
+#: Output tensors the service reads from each model.
+REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
+    CLASSIFIER_NAME: ("lens_probability",),
+    REGRESSOR_NAME: ("parameters",),
+    MC_NAME: ("theta_E_samples", "theta_E_log_variance_samples"),
+}
+#: Order of the regressor's ``parameters`` components the service reports.
+PARAMETER_COMPONENTS: tuple[str, ...] = ("theta_E", "e1", "e2", "center_x", "center_y")
+#: Name of the MC model's scalar input giving the dropout passes per cutout.
+NUM_SAMPLES_INPUT = "num_samples"
+
+
+class InputSpec(BaseModel):
+    """The image tensor a model takes."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str = Field(description="ONNX input name.")
+    shape: list[int | None] = Field(description="Tensor shape; null marks the batch axis.")
+    dtype: str = Field(description="Element type, e.g. float32.")
+    layout: str = Field(description="Axis order, e.g. NHWC.")
+    bands: list[str] = Field(description="Photometric bands in channel order.")
+    pixel_scale_arcsec: float = Field(gt=0, description="Pixel scale (arcsec per pixel).")
+    preprocessing: str = Field(description="Identifier of the preprocessing the model expects.")
+
+
+class ExtraInputSpec(BaseModel):
+    """A non-image input, such as the MC model's ``num_samples``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    shape: list[int | None]
+    dtype: str
+    meaning: str = ""
+
+
+class OutputSpec(BaseModel):
+    """One output tensor, with its meaning and unit(s)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    shape: list[int | None]
+    dtype: str
+    meaning: str = ""
+    unit: str | None = Field(default=None, description="Unit of every element.")
+    components: list[str] | None = Field(default=None, description="Names along the last axis.")
+    units: list[str] | None = Field(default=None, description="Unit of each component.")
+
+
+class ModelCard(BaseModel):
+    """The JSON card that travels with each ONNX model in ``models/``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, protected_namespaces=())
+
+    name: str
+    version: str
+    description: str = ""
+    created: str | None = None
+    git_commit: str | None = None
+    input: InputSpec
+    extra_inputs: list[ExtraInputSpec] = Field(default_factory=list)
+    outputs: list[OutputSpec]
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    onnx_file: str
+    onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    onnx_opset: int | None = None
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the output tensors, in card order."""
+        return [spec.name for spec in self.outputs]
+
+    def output(self, name: str) -> OutputSpec:
+        """The output called ``name``; raises ``KeyError`` when the card has none."""
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """The three cards the service serves, with the ONNX bytes each one vouches for."""
+
+    classifier: ModelCard
+    regressor: ModelCard
+    mc: ModelCard
+    onnx_bytes: dict[str, bytes]
+    """Serialized ONNX model of each card, keyed by card name (bytes, already verified)."""
+
+    @property
+    def cards(self) -> dict[str, ModelCard]:
+        """All cards keyed by model name."""
+        return {card.name: card for card in (self.classifier, self.regressor, self.mc)}
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """Version string of each model, keyed by model name."""
+        return {name: card.version for name, card in self.cards.items()}
+
+    @property
+    def input(self) -> InputSpec:
+        """The image input all three models share."""
+        return self.classifier.input
+
+
+def read_model_card(path: Path) -> ModelCard:
+    """Parse one JSON card.
+
+    Parameters
+    ----------
+    path : Path
+        The ``<name>.json`` file.
+
+    Raises
+    ------
+    ModelUnavailableError
+        The file is missing, not JSON, or not a valid card.
+    """
+    try:
+        return ModelCard.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError as exc:
+        raise ModelUnavailableError(f"model card {path} does not exist") from exc
+    except (OSError, ValueError, ValidationError) as exc:
+        raise ModelUnavailableError(f"model card {path} is not a valid card: {exc}") from exc
+
+
+def _read_verified_onnx(card: ModelCard, models_dir: Path) -> bytes:
+    """The card's ONNX file as bytes, after checking it against ``onnx_sha256``."""
+    onnx_path = models_dir / card.onnx_file
+    try:
+        data = onnx_path.read_bytes()
+    except OSError as exc:
+        raise ModelUnavailableError(
+            f"model {card.name!r}: cannot read its ONNX file {onnx_path}: {exc}"
+        ) from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != card.onnx_sha256:
+        raise ModelUnavailableError(
+            f"model {card.name!r}: {onnx_path} has SHA-256 {actual}, but its card expects "
+            f"{card.onnx_sha256}; the file and the card do not belong together"
+        )
+    return data
+
+
+def _check_card(card: ModelCard, reference: InputSpec) -> None:
+    """Refuse a card the service cannot serve: missing outputs or a different input."""
+    missing = [name for name in REQUIRED_OUTPUTS[card.name] if name not in card.output_names]
+    if missing:
+        raise ModelUnavailableError(
+            f"model {card.name!r}: its card lists outputs {card.output_names}, "
+            f"the service needs {list(REQUIRED_OUTPUTS[card.name])}"
+        )
+    spec = card.input
+    if spec.preprocessing != PREPROCESSING_ID:
+        raise ModelUnavailableError(
+            f"model {card.name!r} expects preprocessing {spec.preprocessing!r}; this service "
+            f"implements {PREPROCESSING_ID!r}"
+        )
+    if spec.layout != "NHWC" or spec.dtype != "float32" or len(spec.shape) != 4:
+        raise ModelUnavailableError(
+            f"model {card.name!r} takes a {spec.dtype} {spec.layout} tensor of shape "
+            f"{spec.shape}; the service feeds float32 NHWC (n, ny, nx, bands)"
+        )
+    if spec.shape[1] != spec.shape[2] or spec.shape[3] != len(spec.bands):
+        raise ModelUnavailableError(
+            f"model {card.name!r}: input shape {spec.shape} does not match square cutouts "
+            f"in {len(spec.bands)} bands {spec.bands}"
+        )
+    if (spec.shape[1:], spec.bands, spec.pixel_scale_arcsec) != (
+        reference.shape[1:],
+        reference.bands,
+        reference.pixel_scale_arcsec,
+    ):
+        raise ModelUnavailableError(
+            f"model {card.name!r} takes {spec.shape[1:]} cutouts in bands {spec.bands} at "
+            f"{spec.pixel_scale_arcsec} arcsec/pixel, but {CLASSIFIER_NAME!r} takes "
+            f"{reference.shape[1:]} in {reference.bands} at {reference.pixel_scale_arcsec}; "
+            "the service feeds one cutout to all three models"
+        )
+
+
+def read_model_cards(models_dir: Path) -> ModelSet:
+    """Read and check the three model cards in ``models_dir``.
+
+    Parameters
+    ----------
+    models_dir : Path
+        Folder holding ``lens_classifier.json``, ``einstein_radius.json`` and
+        ``einstein_radius_mc.json`` with the ONNX files they name.
+
+    Returns
+    -------
+    ModelSet
+        The cards, with the ONNX bytes whose SHA-256 matched each card.
+
+    Raises
+    ------
+    ModelUnavailableError
+        A card or ONNX file is missing or unreadable, a file's SHA-256 differs
+        from its card, or the cards disagree on the input the service feeds.
+    """
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise ModelUnavailableError(f"models folder {models_dir} does not exist")
+    cards: dict[str, ModelCard] = {}
+    for name in REQUIRED_OUTPUTS:
+        card = read_model_card(models_dir / f"{name}.json")
+        if card.name != name:
+            raise ModelUnavailableError(
+                f"{models_dir / f'{name}.json'} describes a model named {card.name!r}"
+            )
+        cards[name] = card
+    reference = cards[CLASSIFIER_NAME].input
+    for card in cards.values():
+        _check_card(card, reference)
+    components = cards[REGRESSOR_NAME].output("parameters").components
+    if components is not None and tuple(components) != PARAMETER_COMPONENTS:
+        raise ModelUnavailableError(
+            f"model {REGRESSOR_NAME!r} returns parameters {components}; the service reports "
+            f"{list(PARAMETER_COMPONENTS)}"
+        )
+    if NUM_SAMPLES_INPUT not in {spec.name for spec in cards[MC_NAME].extra_inputs}:
+        raise ModelUnavailableError(
+            f"model {MC_NAME!r} has no {NUM_SAMPLES_INPUT!r} input in its card"
+        )
+    return ModelSet(
+        classifier=cards[CLASSIFIER_NAME],
+        regressor=cards[REGRESSOR_NAME],
+        mc=cards[MC_NAME],
+        onnx_bytes={name: _read_verified_onnx(card, models_dir) for name, card in cards.items()},
+    )
