@@ -1,0 +1,347 @@
+"""The dynamic batcher, through its public interface only, with fake batch functions."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+from service.errors import InferenceError, ModelUnavailableError, OverloadedError
+
+from service.batching import BatchStats, DynamicBatcher
+
+
+def run(coroutine_function: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run one async test body on a fresh event loop."""
+    return asyncio.run(coroutine_function())
+
+
+class Recorder:
+    """A batch function that doubles numbers and remembers the batches it saw."""
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.delay_s = delay_s
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        return [2 * item for item in items]
+
+
+def test_concurrent_requests_are_merged_and_each_gets_its_own_result():
+    recorder = Recorder()
+    stats: list[BatchStats] = []
+
+    async def body() -> list[int]:
+        batcher = DynamicBatcher(
+            recorder,
+            max_batch_size=64,
+            max_batch_wait_s=0.05,
+            max_queue_size=1000,
+            on_batch=stats.append,
+        )
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(20)))
+        finally:
+            await batcher.stop()
+
+    results = run(body)
+    assert results == [2 * i for i in range(20)]
+    # All 20 arrived within the 50 ms wait, so they shared one model call.
+    assert len(recorder.batches) == 1 and sorted(recorder.batches[0]) == list(range(20))
+    assert stats[0].size == 20 and stats[0].requests == 20 and not stats[0].failed
+    assert len(stats[0].queue_times_s) == 20
+    # The batch function ran in the worker thread, not on the event loop.
+    assert recorder.threads and all(name.startswith("lensserve-batch") for name in recorder.threads)
+
+
+def test_batches_respect_max_batch_size_in_item_sizes():
+    recorder = Recorder()
+
+    async def body() -> list[int]:
+        batcher = DynamicBatcher(
+            recorder, max_batch_size=10, max_batch_wait_s=0.05, max_queue_size=1000
+        )
+        await batcher.start()
+        try:
+            # Sizes 4 + 4 fit in 10, the third (4) does not; the 30-cutout item runs alone.
+            return await asyncio.gather(
+                batcher.submit(1, size=4),
+                batcher.submit(2, size=4),
+                batcher.submit(3, size=4),
+                batcher.submit(4, size=30),
+            )
+        finally:
+            await batcher.stop()
+
+    assert run(body) == [2, 4, 6, 8]
+    assert recorder.batches == [[1, 2], [3], [4]]
+
+
+def test_a_failing_batch_fails_every_request_in_it_with_a_clear_error():
+    def explode(items: list[int]) -> list[int]:
+        raise RuntimeError("GPU fell off the bus")
+
+    async def body() -> list[Any]:
+        batcher = DynamicBatcher(
+            explode, max_batch_size=64, max_batch_wait_s=0.05, max_queue_size=100
+        )
+        await batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(i) for i in range(5)), return_exceptions=True
+            )
+        finally:
+            await batcher.stop()
+
+    outcomes = run(body)
+    assert len(outcomes) == 5
+    for outcome in outcomes:
+        assert isinstance(outcome, InferenceError)
+        assert "GPU fell off the bus" in str(outcome) and "5 requests" in str(outcome)
+        assert isinstance(outcome.__cause__, RuntimeError)
+
+
+def test_a_service_error_from_the_batch_reaches_every_request_unchanged():
+    def refuse(items: list[int]) -> list[int]:
+        raise ModelUnavailableError("models unloaded")
+
+    async def body() -> list[Any]:
+        batcher = DynamicBatcher(refuse, max_batch_size=8, max_batch_wait_s=0.02, max_queue_size=8)
+        await batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(i) for i in range(3)), return_exceptions=True
+            )
+        finally:
+            await batcher.stop()
+
+    outcomes = run(body)
+    assert all(isinstance(o, ModelUnavailableError) for o in outcomes)
+
+
+def test_wrong_number_of_results_fails_the_batch():
+    async def body() -> list[Any]:
+        batcher = DynamicBatcher(
+            lambda items: items[:-1], max_batch_size=8, max_batch_wait_s=0.02, max_queue_size=8
+        )
+        await batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(i) for i in range(3)), return_exceptions=True
+            )
+        finally:
+            await batcher.stop()
+
+    outcomes = run(body)
+    assert all(isinstance(o, InferenceError) and "2 results for 3" in str(o) for o in outcomes)
+
+
+def test_the_batcher_keeps_working_after_a_failed_batch():
+    calls = []
+
+    def flaky(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise RuntimeError("transient")
+        return items
+
+    async def body() -> tuple[Any, Any]:
+        batcher = DynamicBatcher(flaky, max_batch_size=8, max_batch_wait_s=0.0, max_queue_size=8)
+        await batcher.start()
+        try:
+            first = await asyncio.gather(batcher.submit(1), return_exceptions=True)
+            second = await batcher.submit(2)
+            return first[0], second
+        finally:
+            await batcher.stop()
+
+    first, second = run(body)
+    assert isinstance(first, InferenceError) and second == 2
+
+
+@pytest.mark.parametrize("max_batch_wait_s", [0.0, 0.02, 0.1])
+def test_a_lone_request_waits_no_longer_than_max_batch_wait(max_batch_wait_s):
+    recorder = Recorder()
+    stats: list[BatchStats] = []
+
+    async def body() -> float:
+        batcher = DynamicBatcher(
+            recorder,
+            max_batch_size=64,
+            max_batch_wait_s=max_batch_wait_s,
+            max_queue_size=100,
+            on_batch=stats.append,
+        )
+        await batcher.start()
+        try:
+            started = time.perf_counter()
+            await batcher.submit(7)
+            return time.perf_counter() - started
+        finally:
+            await batcher.stop()
+
+    elapsed = run(body)
+    (batch,) = stats
+    # It waited for company for max_batch_wait_s, then left alone; 50 ms of slack covers
+    # thread hand-off and a busy test machine.
+    assert max_batch_wait_s <= batch.queue_times_s[0] + 1e-3
+    assert batch.queue_times_s[0] <= max_batch_wait_s + 0.05
+    assert elapsed <= max_batch_wait_s + 0.1
+
+
+def test_a_full_batch_leaves_without_waiting_for_the_timer():
+    recorder = Recorder()
+    stats: list[BatchStats] = []
+
+    async def body() -> None:
+        # A 10-second wait that must not be waited: 8 items fill the batch at once.
+        batcher = DynamicBatcher(
+            recorder,
+            max_batch_size=8,
+            max_batch_wait_s=10.0,
+            max_queue_size=100,
+            on_batch=stats.append,
+        )
+        await batcher.start()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(batcher.submit(i) for i in range(8))), 2.0)
+        finally:
+            await batcher.stop()
+
+    run(body)
+    assert stats[0].size == 8 and max(stats[0].queue_times_s) < 1.0
+
+
+def test_a_full_queue_refuses_new_requests_with_overloaded():
+    release = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        release.wait(5.0)
+        return items
+
+    async def body() -> tuple[list[int], BaseException | None, int]:
+        batcher = DynamicBatcher(slow, max_batch_size=4, max_batch_wait_s=0.0, max_queue_size=6)
+        await batcher.start()
+        try:
+            running = asyncio.ensure_future(batcher.submit(0, size=4))
+            await asyncio.sleep(0.05)  # the first batch is now running and holds the worker
+            waiting = asyncio.ensure_future(batcher.submit(1, size=5))
+            await asyncio.sleep(0.01)
+            queued = batcher.queued_size
+            refused = None
+            try:
+                await batcher.submit(2, size=2)  # 5 + 2 > 6
+            except OverloadedError as exc:
+                refused = exc
+            release.set()
+            return list(await asyncio.gather(running, waiting)), refused, queued
+        finally:
+            release.set()
+            await batcher.stop()
+
+    results, refused, queued = run(body)
+    assert results == [0, 1]
+    assert queued == 5
+    assert isinstance(refused, OverloadedError) and "at most 6" in str(refused)
+
+
+def test_submit_many_is_all_or_nothing():
+    recorder = Recorder()
+
+    async def body() -> tuple[BaseException | None, list[int], int]:
+        batcher = DynamicBatcher(recorder, max_batch_size=4, max_batch_wait_s=0.0, max_queue_size=6)
+        await batcher.start()
+        try:
+            refused = None
+            try:
+                await batcher.submit_many([(1, 4), (2, 4)])
+            except OverloadedError as exc:
+                refused = exc
+            size_after = batcher.queued_size
+            return refused, await batcher.submit_many([(3, 4), (4, 2)]), size_after
+        finally:
+            await batcher.stop()
+
+    refused, results, size_after = run(body)
+    assert isinstance(refused, OverloadedError) and size_after == 0
+    assert results == [6, 8]
+    assert [1] not in recorder.batches
+
+
+def test_a_cancelled_request_is_dropped_and_the_others_answered():
+    release = threading.Event()
+    recorder = Recorder()
+
+    def gated(items: list[int]) -> list[int]:
+        release.wait(5.0)
+        return recorder(items)
+
+    async def body() -> list[int]:
+        batcher = DynamicBatcher(gated, max_batch_size=1, max_batch_wait_s=0.0, max_queue_size=10)
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.submit(1))
+            await asyncio.sleep(0.05)
+            doomed = asyncio.ensure_future(batcher.submit(2))
+            kept = asyncio.ensure_future(batcher.submit(3))
+            await asyncio.sleep(0.01)
+            doomed.cancel()  # e.g. the HTTP client went away
+            release.set()
+            return [await first, await kept]
+        finally:
+            release.set()
+            await batcher.stop()
+
+    assert run(body) == [2, 6]
+    assert [2] not in recorder.batches
+
+
+def test_submit_before_start_and_after_stop_is_refused():
+    async def body() -> tuple[BaseException, BaseException]:
+        batcher = DynamicBatcher(
+            Recorder(), max_batch_size=4, max_batch_wait_s=0.0, max_queue_size=4
+        )
+        with pytest.raises(ModelUnavailableError) as before:
+            await batcher.submit(1)
+        await batcher.start()
+        await batcher.stop()
+        with pytest.raises(ModelUnavailableError) as after:
+            await batcher.submit(1)
+        return before.value, after.value
+
+    run(body)
+
+
+def test_stop_fails_waiting_requests():
+    release = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        release.wait(5.0)
+        return items
+
+    async def body() -> list[Any]:
+        batcher = DynamicBatcher(slow, max_batch_size=1, max_batch_wait_s=0.0, max_queue_size=10)
+        await batcher.start()
+        futures = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+        await asyncio.sleep(0.05)
+        await batcher.stop()
+        release.set()
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    outcomes = run(body)
+    assert all(isinstance(o, ModelUnavailableError) for o in outcomes)
+
+
+def test_nonsense_configuration_is_rejected():
+    with pytest.raises(ValueError):
+        DynamicBatcher(Recorder(), max_batch_size=0, max_batch_wait_s=0.0, max_queue_size=1)
+    with pytest.raises(ValueError):
+        DynamicBatcher(Recorder(), max_batch_size=1, max_batch_wait_s=-1.0, max_queue_size=1)
