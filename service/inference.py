@@ -1,0 +1,387 @@
+"""From FITS bytes to per-cutout predictions, with no knowledge of HTTP.
+
+Two steps, so each can run where it belongs:
+
+1. :func:`prepare_cutout` (CPU-bound, thread-safe, one file): decode the FITS
+   file for the models' bands, size and pixel scale, then apply the one
+   preprocessing. The API runs it in a thread pool, many files at once.
+2. :class:`InferenceEngine` merges the prepared cutouts of concurrent requests
+   through a :class:`~service.batching.DynamicBatcher` into one onnxruntime
+   call per model, then turns the raw outputs into
+   :class:`CutoutPrediction` objects: the lens probability, the point
+   parameters, and the theta_E predictive distribution summarised from the
+   MC-dropout passes (:mod:`service.uncertainty`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.batching import BatchStats, DynamicBatcher
+from service.cards import PARAMETER_COMPONENTS, ModelSet
+from service.errors import InferenceError, LensServeError
+from service.fits_codec import FitsLimits, decode_fits
+from service.preprocessing import preprocess_cutout
+from service.runtime import MAX_SEED, ModelRuntime, RawPredictions
+from service.uncertainty import (
+    QUANTILE_LEVELS,
+    MixtureSummary,
+    draw_predictive_samples,
+    summarise_mc_samples,
+)
+
+
+@dataclass(frozen=True)
+class PreparedCutout:
+    """A decoded, preprocessed cutout ready for the models."""
+
+    filename: str
+    image: NDArray[np.float32]
+    """Network input, shape (ny, nx, bands), in asinh noise units."""
+    masked_fraction: float
+    """Fraction (0-1) of pixels that were masked and filled."""
+    ra_deg: float | None
+    """Right ascension of the cutout centre (degrees, ICRS), when the file has a WCS."""
+    dec_deg: float | None
+    """Declination of the cutout centre (degrees, ICRS), when the file has a WCS."""
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EinsteinRadiusPrediction:
+    """Predictive distribution of the Einstein radius for one cutout (all in arcsec)."""
+
+    mean: float
+    std: float
+    aleatoric_std: float
+    epistemic_std: float
+    quantiles: dict[float, float]
+    """Quantile value (arcsec) keyed by level, for each level in ``QUANTILE_LEVELS``."""
+    samples: NDArray[np.float64] | None
+    """Draws from the predictive distribution (arcsec), when they were asked for."""
+
+
+@dataclass(frozen=True)
+class CutoutPrediction:
+    """Everything the models say about one cutout."""
+
+    filename: str
+    lens_probability: float
+    """Probability (0-1) that the cutout shows a strong lens."""
+    parameters: dict[str, float]
+    """Point estimates: theta_E, center_x, center_y (arcsec); e1, e2 (dimensionless)."""
+    einstein_radius: EinsteinRadiusPrediction
+    ra_deg: float | None
+    dec_deg: float | None
+    warnings: tuple[str, ...]
+
+
+#: One slot of a batch answer: a prediction, or the error that stopped this cutout.
+CutoutOutcome = CutoutPrediction | LensServeError
+
+
+def prepare_cutout(
+    data: bytes,
+    *,
+    filename: str,
+    models: ModelSet,
+    limits: FitsLimits,
+    content_encoding: str | None = None,
+) -> PreparedCutout:
+    """Decode one FITS file and preprocess it for the models.
+
+    Parameters
+    ----------
+    data : bytes
+        The file as received (plain or gzip-compressed FITS).
+    filename : str
+        Name reported back with the result.
+    models : ModelSet
+        The loaded cards: their input fixes the bands, the cutout size
+        (pixels) and the pixel scale (arcsec/pixel).
+    limits : FitsLimits
+        Caps on decompressed size (bytes), pixels, header cards and masked
+        fraction.
+    content_encoding : str or None
+        HTTP ``Content-Encoding`` the bytes arrived with (``gzip`` or None).
+
+    Raises
+    ------
+    LensServeError
+        The file is not usable; see :func:`service.fits_codec.decode_fits`.
+    """
+    spec = models.input
+    decoded = decode_fits(
+        data,
+        bands=tuple(spec.bands),
+        size_pixels=int(spec.shape[1] or 0),
+        pixel_scale_arcsec=spec.pixel_scale_arcsec,
+        limits=limits,
+        content_encoding=content_encoding,
+    )
+    return PreparedCutout(
+        filename=filename,
+        image=preprocess_cutout(decoded.pixels),
+        masked_fraction=decoded.masked_fraction,
+        ra_deg=decoded.ra_deg,
+        dec_deg=decoded.dec_deg,
+        warnings=tuple(decoded.warnings),
+    )
+
+
+@dataclass(frozen=True)
+class _BatchItem:
+    """A chunk of one request's cutouts, as queued in the batcher."""
+
+    cutouts: tuple[PreparedCutout, ...]
+    num_samples: int
+    seed: int | None
+    include_samples: bool
+    chunk_index: int
+    """Position of this chunk in its request; seeds of later chunks are derived from it."""
+
+    @property
+    def model_seed(self) -> int | None:
+        """Seed of the dropout masks: the request's seed for its first chunk, then derived."""
+        if self.seed is None or self.chunk_index == 0:
+            return self.seed
+        state = np.random.SeedSequence((self.seed, self.chunk_index)).generate_state(1, np.uint64)
+        return int(state[0]) & MAX_SEED
+
+    def sample_rng(self) -> np.random.Generator:
+        """Generator of the predictive draws: seeded from (seed, chunk) or fresh entropy."""
+        if self.seed is None:
+            return np.random.default_rng()
+        return np.random.default_rng((self.seed, self.chunk_index))
+
+
+class InferenceEngine:
+    """The models behind a dynamic batcher.
+
+    Parameters
+    ----------
+    runtime : ModelRuntime
+        Loads and runs the three models.
+    max_batch_size : int
+        Largest number of cutouts in one model call (cutouts).
+    max_batch_wait_s : float
+        Longest time the oldest request waits for others to join (seconds).
+    max_queue_cutouts : int
+        Most cutouts waiting for inference before requests are refused (cutouts).
+    on_batch : callable, optional
+        Receives a :class:`~service.batching.BatchStats` after every batch.
+    """
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        *,
+        max_batch_size: int,
+        max_batch_wait_s: float,
+        max_queue_cutouts: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self._runtime = runtime
+        self._max_batch_size = max_batch_size
+        self._batcher: DynamicBatcher[_BatchItem, list[CutoutOutcome]] = DynamicBatcher(
+            self._run_batch,
+            max_batch_size=max_batch_size,
+            max_batch_wait_s=max_batch_wait_s,
+            max_queue_size=max_queue_cutouts,
+            on_batch=on_batch,
+        )
+
+    @property
+    def runtime(self) -> ModelRuntime:
+        """The runtime that runs the models."""
+        return self._runtime
+
+    @property
+    def queued_cutouts(self) -> int:
+        """Cutouts waiting for a batch (cutouts)."""
+        return self._batcher.queued_size
+
+    def load(self) -> None:
+        """Load and warm up the models (blocking; run it off the event loop)."""
+        self._runtime.load()
+
+    async def start(self) -> None:
+        """Start the batcher on the running event loop."""
+        await self._batcher.start()
+
+    async def close(self) -> None:
+        """Stop the batcher (waiting requests fail) and release the models."""
+        await self._batcher.stop()
+        await asyncio.to_thread(self._runtime.close)
+
+    async def predict_cutouts(
+        self,
+        cutouts: Sequence[PreparedCutout],
+        *,
+        num_samples: int,
+        seed: int | None = None,
+        include_samples: bool = False,
+    ) -> list[CutoutOutcome]:
+        """Predict for prepared cutouts, batched with whatever else is waiting.
+
+        Parameters
+        ----------
+        cutouts : sequence of PreparedCutout
+            The cutouts of one request.
+        num_samples : int
+            MC-dropout passes per cutout (samples).
+        seed : int or None
+            Makes the dropout masks and the predictive draws reproducible.
+            A seeded request chunk runs on its own model call.
+        include_samples : bool
+            Also return ``num_samples`` draws from each predictive distribution.
+
+        Returns
+        -------
+        list
+            One :class:`CutoutPrediction` per cutout, in order, or the
+            :class:`~service.errors.LensServeError` that stopped that cutout
+            (a model output that is not finite).
+
+        Raises
+        ------
+        OverloadedError
+            The queue is full.
+        LensServeError
+            The batch this request ran in failed.
+        """
+        if not cutouts:
+            return []
+        size = self._max_batch_size
+        chunks = [
+            _BatchItem(
+                cutouts=tuple(cutouts[start : start + size]),
+                num_samples=num_samples,
+                seed=seed,
+                include_samples=include_samples,
+                chunk_index=index,
+            )
+            for index, start in enumerate(range(0, len(cutouts), size))
+        ]
+        answers = await self._batcher.submit_many([(chunk, len(chunk.cutouts)) for chunk in chunks])
+        return [outcome for answer in answers for outcome in answer]
+
+    def _run_batch(self, items: list[_BatchItem]) -> list[list[CutoutOutcome]]:
+        """Run one batch in the worker thread: one model call for all unseeded items."""
+        answers: list[list[CutoutOutcome] | None] = [None] * len(items)
+        shared = [i for i, item in enumerate(items) if item.seed is None]
+        if shared:
+            images = np.stack([c.image for i in shared for c in items[i].cutouts])
+            raw = self._runtime.predict(
+                images, num_samples=max(items[i].num_samples for i in shared)
+            )
+            start = 0
+            for i in shared:
+                stop = start + len(items[i].cutouts)
+                part = raw.select(slice(start, stop), num_samples=items[i].num_samples)
+                answers[i] = _summarise(items[i], part)
+                start = stop
+        for i, item in enumerate(items):
+            if item.seed is not None:
+                images = np.stack([c.image for c in item.cutouts])
+                raw = self._runtime.predict(
+                    images, num_samples=item.num_samples, seed=item.model_seed
+                )
+                answers[i] = _summarise(item, raw)
+        return [answer for answer in answers if answer is not None]
+
+
+#: Cutouts x MC passes summarised per call: the mixture-quantile bisection works on
+#: (rows, 5, T) float64 temporaries, and keeping them near L2-cache size (~64 KiB) made
+#: it 3.5x faster for 64 cutouts x 100 passes on the development machine.
+_SUMMARY_BLOCK_ELEMENTS = 1600
+
+
+def summarise_in_blocks(
+    sample_means: NDArray[np.floating], sample_log_variances: NDArray[np.floating]
+) -> MixtureSummary:
+    """:func:`~service.uncertainty.summarise_mc_samples`, computed a few rows at a time.
+
+    Parameters
+    ----------
+    sample_means : ndarray, shape (n, T)
+        theta_E of each MC-dropout pass (arcsec).
+    sample_log_variances : ndarray, shape (n, T)
+        Log-variance of each pass (log arcsec^2).
+    """
+    n, passes = sample_means.shape
+    rows = max(1, _SUMMARY_BLOCK_ELEMENTS // max(passes, 1))
+    if n <= rows:
+        return summarise_mc_samples(sample_means, sample_log_variances)
+    blocks = [
+        summarise_mc_samples(sample_means[i : i + rows], sample_log_variances[i : i + rows])
+        for i in range(0, n, rows)
+    ]
+    return MixtureSummary(
+        **{
+            name: np.concatenate([getattr(block, name) for block in blocks])
+            for name in ("mean", "std", "aleatoric_std", "epistemic_std", "quantiles")
+        }
+    )
+
+
+def _summarise(item: _BatchItem, raw: RawPredictions) -> list[CutoutOutcome]:
+    """Per-cutout predictions from one item's raw model outputs."""
+    summary = summarise_in_blocks(raw.theta_E_samples, raw.theta_E_log_variance_samples)
+    samples = (
+        draw_predictive_samples(
+            raw.theta_E_samples, raw.theta_E_log_variance_samples, item.sample_rng()
+        )
+        if item.include_samples
+        else None
+    )
+    outcomes: list[CutoutOutcome] = []
+    for row, cutout in enumerate(item.cutouts):
+        numbers = np.concatenate(
+            [
+                [raw.lens_probability[row]],
+                raw.parameters[row],
+                [summary.mean[row], summary.std[row]],
+                summary.quantiles[row],
+            ]
+        )
+        if not np.all(np.isfinite(numbers)):
+            outcomes.append(
+                InferenceError(
+                    f"the models returned a non-finite value for {cutout.filename!r}; "
+                    "the cutout may be far outside what they were trained on"
+                )
+            )
+            continue
+        outcomes.append(
+            CutoutPrediction(
+                filename=cutout.filename,
+                lens_probability=float(raw.lens_probability[row]),
+                parameters={
+                    name: float(value)
+                    for name, value in zip(PARAMETER_COMPONENTS, raw.parameters[row], strict=True)
+                },
+                einstein_radius=EinsteinRadiusPrediction(
+                    mean=float(summary.mean[row]),
+                    std=float(summary.std[row]),
+                    aleatoric_std=float(summary.aleatoric_std[row]),
+                    epistemic_std=float(summary.epistemic_std[row]),
+                    quantiles={
+                        level: float(value)
+                        for level, value in zip(
+                            QUANTILE_LEVELS, summary.quantiles[row], strict=True
+                        )
+                    },
+                    samples=None if samples is None else samples[row],
+                ),
+                ra_deg=cutout.ra_deg,
+                dec_deg=cutout.dec_deg,
+                warnings=cutout.warnings,
+            )
+        )
+    return outcomes

@@ -1,0 +1,212 @@
+"""The transport-free core: FITS bytes -> prepared cutouts -> batched predictions."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from service.cards import read_model_cards
+from service.errors import InferenceError
+from service.fits_codec import FitsLimits
+from service.inference import (
+    CutoutPrediction,
+    InferenceEngine,
+    PreparedCutout,
+    prepare_cutout,
+    summarise_in_blocks,
+)
+from service.preprocessing import preprocess_cutout
+from service.runtime import OnnxModelRuntime, RawPredictions
+from service.uncertainty import QUANTILE_LEVELS, summarise_mc_samples
+
+MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+
+
+def _cube_fits(cube: np.ndarray) -> bytes:
+    hdu = fits.PrimaryHDU(cube.astype(np.float32))
+    hdu.header["BANDS"] = "g,r,i"
+    buffer = io.BytesIO()
+    hdu.writeto(buffer)
+    return buffer.getvalue()
+
+
+def _prepared(n: int, seed: int = 0) -> list[PreparedCutout]:
+    rng = np.random.default_rng(seed)
+    return [
+        PreparedCutout(
+            filename=f"{i}.fits",
+            image=rng.normal(0.0, 1.5, (64, 64, 3)).astype(np.float32),
+            masked_fraction=0.0,
+            ra_deg=None,
+            dec_deg=None,
+            warnings=(),
+        )
+        for i in range(n)
+    ]
+
+
+class FakeRuntime:
+    """Deterministic stand-in: outputs are simple functions of each image's mean."""
+
+    def __init__(self, *, nan_row: int | None = None) -> None:
+        self.calls: list[tuple[int, int, int | None]] = []
+        self.nan_row = nan_row
+
+    @property
+    def models(self) -> Any:
+        return read_model_cards(MODELS_DIR)
+
+    @property
+    def provider(self) -> str:
+        return "FakeProvider"
+
+    def load(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def predict(
+        self, images: np.ndarray, *, num_samples: int, seed: int | None = None
+    ) -> RawPredictions:
+        self.calls.append((len(images), num_samples, seed))
+        level = images.mean(axis=(1, 2, 3)).astype(np.float32)
+        passes = np.arange(num_samples, dtype=np.float32)[None, :]
+        probability = 1.0 / (1.0 + np.exp(-level))
+        if self.nan_row is not None:
+            probability[self.nan_row] = np.nan
+        return RawPredictions(
+            lens_probability=probability,
+            parameters=np.repeat(level[:, None], 5, axis=1),
+            theta_E_samples=1.0 + level[:, None] + 0.01 * passes,
+            theta_E_log_variance_samples=np.full((len(images), num_samples), -4.0, np.float32),
+        )
+
+
+def _engine(runtime: Any, **overrides: Any) -> InferenceEngine:
+    options = {"max_batch_size": 4, "max_batch_wait_s": 0.02, "max_queue_cutouts": 100}
+    return InferenceEngine(runtime, **{**options, **overrides})
+
+
+async def _with_engine(engine: InferenceEngine, work: Any) -> Any:
+    await engine.start()
+    try:
+        return await work(engine)
+    finally:
+        await engine.close()
+
+
+def test_prepare_cutout_decodes_and_preprocesses():
+    cube = np.random.default_rng(3).normal(100.0, 5.0, (3, 64, 64))
+    prepared = prepare_cutout(
+        _cube_fits(cube),
+        filename="x.fits",
+        models=read_model_cards(MODELS_DIR),
+        limits=FitsLimits(),
+    )
+    assert prepared.filename == "x.fits" and prepared.masked_fraction == 0.0
+    # The same preprocessing the models were trained with, on the same pixels (float32 I/O).
+    np.testing.assert_allclose(
+        prepared.image, preprocess_cutout(cube.astype(np.float32)), rtol=0, atol=1e-6
+    )
+
+
+def test_summaries_in_blocks_equal_the_one_shot_summary():
+    rng = np.random.default_rng(11)
+    means = rng.normal(1.2, 0.1, (37, 100))
+    log_variances = rng.normal(-3.0, 0.3, (37, 100))
+    blocks, whole = (
+        summarise_in_blocks(means, log_variances),
+        summarise_mc_samples(means, log_variances),
+    )
+    for name in ("mean", "std", "aleatoric_std", "epistemic_std", "quantiles"):
+        np.testing.assert_allclose(getattr(blocks, name), getattr(whole, name), rtol=0, atol=1e-12)
+
+
+def test_large_requests_are_chunked_and_answered_in_order():
+    runtime = FakeRuntime()
+    cutouts = _prepared(10)
+    outcomes = asyncio.run(
+        _with_engine(_engine(runtime), lambda e: e.predict_cutouts(cutouts, num_samples=20))
+    )
+    assert [o.filename for o in outcomes] == [c.filename for c in cutouts]
+    assert sorted(size for size, _, _ in runtime.calls) == [2, 4, 4]  # max_batch_size 4
+    for outcome, cutout in zip(outcomes, cutouts, strict=True):
+        assert isinstance(outcome, CutoutPrediction)
+        level = float(cutout.image.mean())
+        assert outcome.parameters["theta_E"] == pytest.approx(level, abs=1e-6)
+        # The fake's passes are 1 + level + 0.01 * (0..19): their mean is 1 + level + 0.095.
+        assert outcome.einstein_radius.mean == pytest.approx(1.0 + level + 0.095, abs=1e-5)
+        assert list(outcome.einstein_radius.quantiles) == list(QUANTILE_LEVELS)
+        assert outcome.einstein_radius.samples is None
+
+
+def test_concurrent_requests_with_different_sample_counts_share_one_call():
+    runtime = FakeRuntime()
+
+    async def work(engine: InferenceEngine) -> list[Any]:
+        return await asyncio.gather(
+            engine.predict_cutouts(_prepared(1, seed=1), num_samples=10, include_samples=True),
+            engine.predict_cutouts(_prepared(2, seed=2), num_samples=30, include_samples=True),
+        )
+
+    small, large = asyncio.run(_with_engine(_engine(runtime), work))
+    # One model call with the larger T; each request keeps the first T passes it asked for.
+    assert runtime.calls == [(3, 30, None)]
+    assert small[0].einstein_radius.samples.shape == (10,)
+    assert all(o.einstein_radius.samples.shape == (30,) for o in large)
+
+
+def test_seeded_requests_run_alone_and_repeat_exactly():
+    runtime = FakeRuntime()
+
+    async def work(engine: InferenceEngine) -> list[Any]:
+        cutouts = _prepared(2)
+        return await asyncio.gather(
+            engine.predict_cutouts(cutouts, num_samples=8, seed=42, include_samples=True),
+            engine.predict_cutouts(cutouts, num_samples=8, seed=42, include_samples=True),
+            engine.predict_cutouts(cutouts, num_samples=8),
+        )
+
+    first, second, unseeded = asyncio.run(_with_engine(_engine(runtime), work))
+    assert sorted(runtime.calls, key=str) == sorted([(2, 8, 42), (2, 8, 42), (2, 8, None)], key=str)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a.einstein_radius.samples, b.einstein_radius.samples)
+    assert unseeded[0].einstein_radius.samples is None
+
+
+def test_a_non_finite_output_fails_only_its_cutout():
+    outcomes = asyncio.run(
+        _with_engine(
+            _engine(FakeRuntime(nan_row=1)),
+            lambda e: e.predict_cutouts(_prepared(3), num_samples=5),
+        )
+    )
+    assert isinstance(outcomes[0], CutoutPrediction) and isinstance(outcomes[2], CutoutPrediction)
+    assert isinstance(outcomes[1], InferenceError) and "1.fits" in str(outcomes[1])
+
+
+def test_the_engine_on_the_real_models_matches_the_runtime_called_directly():
+    # The engine closes the runtime when it stops, so the direct call comes first.
+    runtime = OnnxModelRuntime(MODELS_DIR, device="cpu", warmup_batch_sizes=())
+    runtime.load()
+    cutouts = _prepared(6, seed=5)
+    # Seeded, so the direct call and the engine see the same dropout masks.
+    direct = runtime.predict(np.stack([c.image for c in cutouts]), num_samples=50, seed=9)
+    engine = _engine(runtime, max_batch_size=64)
+    outcomes = asyncio.run(
+        _with_engine(engine, lambda e: e.predict_cutouts(cutouts, num_samples=50, seed=9))
+    )
+    summary = summarise_mc_samples(direct.theta_E_samples, direct.theta_E_log_variance_samples)
+    for row, outcome in enumerate(outcomes):
+        assert outcome.lens_probability == pytest.approx(float(direct.lens_probability[row]))
+        assert outcome.einstein_radius.mean == pytest.approx(float(summary.mean[row]))
+        assert list(outcome.einstein_radius.quantiles.values()) == pytest.approx(
+            summary.quantiles[row].tolist()
+        )
