@@ -1,0 +1,5 @@
+"""``python -m service``: the ``lensserve`` command line."""
+
+from service.cli import main
+
+raise SystemExit(main())
