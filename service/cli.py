@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,14 @@ from pydantic import ValidationError
 from service.settings import Settings, available_cores
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -33,10 +42,10 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"lensserve: invalid LENSSERVE_* configuration:\n{exc}")
+        print(f"lensserve: invalid LENSSERVE_* configuration:\n{exc}", file=sys.stderr)
         return 2
     if not settings.models_dir.is_dir():
-        print(f"lensserve: models folder {settings.models_dir} does not exist")
+        print(f"lensserve: models folder {settings.models_dir} does not exist", file=sys.stderr)
         return 2
     uvicorn.run(
         "service.api:create_app",
@@ -63,7 +72,7 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
     parser.add_argument(
         "--workers",
-        type=int,
+        type=_positive_int,
         default=1,
         help="uvicorn worker processes, each with its own models and batcher (default: 1)",
     )
@@ -88,7 +97,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``lensserve`` and ``python -m service``; returns the exit status."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "workers", 1) < 1:
-        build_parser().error(f"--workers must be at least 1, got {args.workers}")
     handler: Handler = args.handler
     return handler(args)
