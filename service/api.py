@@ -1,12 +1,13 @@
 """The HTTP layer: FastAPI routes, request-body limits, error mapping and metrics.
 
-This is the only module that knows about HTTP. It does not use
-``from __future__ import annotations``: the query parameters' bounds come from
-the settings inside :func:`create_app`, and FastAPI must see those annotations
-evaluated. :func:`create_app` wires the
+This is the only module that knows about HTTP. :func:`create_app` wires the
 transport-free pieces together: settings, the onnxruntime models
 (:mod:`service.runtime`), the dynamic batcher (:mod:`service.inference`) and
 the FITS codec (:mod:`service.fits_codec`).
+
+The module does not use ``from __future__ import annotations``: the query
+parameters' bounds come from the settings inside :func:`create_app`, and
+FastAPI must see those annotations already evaluated.
 
 Endpoints
     ``POST /v1/predict``   FITS cutouts in, predictions out.
