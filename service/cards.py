@@ -50,6 +50,14 @@ class InputSpec(BaseModel):
     pixel_scale_arcsec: float = Field(gt=0, description="Pixel scale (arcsec per pixel).")
     preprocessing: str = Field(description="Identifier of the preprocessing the model expects.")
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape of one cutout as the model takes it: (ny, nx, bands) in pixels and bands."""
+        ny, nx, bands = self.shape[1:]
+        if ny is None or nx is None or bands is None:
+            raise ValueError(f"input shape {self.shape} leaves a cutout dimension open")
+        return ny, nx, bands
+
 
 class ExtraInputSpec(BaseModel):
     """A non-image input, such as the MC model's ``num_samples``."""
@@ -190,6 +198,10 @@ def _check_card(card: ModelCard, reference: InputSpec) -> None:
         raise ModelUnavailableError(
             f"model {card.name!r} takes a {spec.dtype} {spec.layout} tensor of shape "
             f"{spec.shape}; the service feeds float32 NHWC (n, ny, nx, bands)"
+        )
+    if any(dim is None for dim in spec.shape[1:]):
+        raise ModelUnavailableError(
+            f"model {card.name!r}: input shape {spec.shape} must fix the cutout size and bands"
         )
     if spec.shape[1] != spec.shape[2] or spec.shape[3] != len(spec.bands):
         raise ModelUnavailableError(

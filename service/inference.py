@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 from numpy.typing import NDArray
@@ -82,7 +83,7 @@ class CutoutPrediction:
 
 
 #: One slot of a batch answer: a prediction, or the error that stopped this cutout.
-CutoutOutcome = CutoutPrediction | LensServeError
+CutoutOutcome: TypeAlias = CutoutPrediction | LensServeError
 
 
 def prepare_cutout(
@@ -119,7 +120,7 @@ def prepare_cutout(
     decoded = decode_fits(
         data,
         bands=tuple(spec.bands),
-        size_pixels=int(spec.shape[1] or 0),
+        size_pixels=spec.image_shape[0],
         pixel_scale_arcsec=spec.pixel_scale_arcsec,
         limits=limits,
         content_encoding=content_encoding,

@@ -33,9 +33,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -322,7 +323,7 @@ class OnnxModelRuntime:
     def _probe_seed_control(self) -> bool:
         """Whether two MC sessions created after different ``set_seed`` calls draw differently."""
         spec = self.models.input
-        probe = np.random.default_rng(0).normal(0.0, 1.5, (1, *spec.shape[1:])).astype(np.float32)
+        probe = np.random.default_rng(0).normal(0.0, 1.5, (1, *spec.image_shape)).astype(np.float32)
         feeds = {"image": probe, NUM_SAMPLES_INPUT: np.asarray(8, dtype=np.int32)}
         first, second = (
             self._run(self._create_mc_session(seed=seed), MC_NAME, feeds)[0] for seed in (1, 2)
@@ -332,11 +333,11 @@ class OnnxModelRuntime:
     def _warm_up(self) -> None:
         spec = self.models.input
         for batch_size in self._warmup_batch_sizes:
-            blank = np.zeros((batch_size, *spec.shape[1:]), dtype=np.float32)
+            blank = np.zeros((batch_size, *spec.image_shape), dtype=np.float32)
             self.predict(blank, num_samples=self._warmup_samples)
 
     def _run(
-        self, session: ort.InferenceSession, name: str, feeds: dict[str, NDArray[np.generic]]
+        self, session: ort.InferenceSession, name: str, feeds: Mapping[str, NDArray[Any]]
     ) -> list[NDArray[np.float32]]:
         try:
             return session.run(None, feeds)
@@ -374,7 +375,7 @@ class OnnxModelRuntime:
         """
         if not self._sessions:
             raise ModelUnavailableError("the models are not loaded")
-        expected = tuple(self.models.input.shape[1:])
+        expected = self.models.input.image_shape
         if images.ndim != 4 or images.shape[1:] != expected or images.dtype != np.float32:
             raise InferenceError(
                 f"got a {images.dtype} batch of shape {images.shape}; the models take float32 "

@@ -14,7 +14,13 @@ from service.cards import ModelCard
 from service.errors import LensServeError
 from service.inference import CutoutPrediction
 
-_EXAMPLE_QUANTILES = {"0.025": 0.93, "0.16": 1.08, "0.5": 1.21, "0.84": 1.33, "0.975": 1.47}
+_EXAMPLE_QUANTILES: dict[str, Any] = {
+    "0.025": 0.93,
+    "0.16": 1.08,
+    "0.5": 1.21,
+    "0.84": 1.33,
+    "0.975": 1.47,
+}
 _EXAMPLE_RESULT: dict[str, Any] = {
     "filename": "00000.fits",
     "lens_probability": 0.97,
