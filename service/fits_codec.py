@@ -1,0 +1,833 @@
+"""Decode an uploaded FITS cutout into a band-ordered float32 cube.
+
+Accepted layouts (see ``shared/samples/README.md``):
+
+- an image cube in the primary HDU or the first image extension, its planes
+  named in order by the ``BANDS`` keyword (``'g,r,i'``; g, r, i when absent);
+- one 2D image extension per band, the band named by ``FILTER`` or ``BAND``
+  (``'r'``, ``'DECam r'``, ``'r DECam SDSS c0002 6415.0 1480.0'``) or else by
+  ``EXTNAME`` (``G``, ``R``, ``I``);
+- either of these gzip-compressed, or with tile-compressed (e.g. RICE) image
+  HDUs, with any BITPIX and BSCALE/BZERO/BLANK.
+
+Every input is hostile until proven otherwise: the decompressed size, the
+header lengths and the image sizes are checked against :class:`FitsLimits`
+before astropy parses or reads them, and whatever astropy raises is wrapped,
+so :func:`decode_fits` raises only :class:`~service.errors.LensServeError`
+subclasses whatever the bytes.
+"""
+
+import io
+import itertools
+import math
+import re
+import threading
+import warnings
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+from astropy import units as u
+from astropy.coordinates import SkyCoord
+from astropy.io import fits
+from astropy.wcs import WCS
+from numpy.typing import NDArray
+
+from service.errors import (
+    BandMismatchError,
+    CutoutTooSmallError,
+    InvalidFitsError,
+    NoImageDataError,
+    PayloadTooLargeError,
+    PixelScaleMismatchError,
+    TooManyMaskedPixelsError,
+    UnsupportedMediaTypeError,
+)
+
+#: Plane order assumed for a cube without a ``BANDS`` keyword.
+DEFAULT_CUBE_BANDS = ("g", "r", "i")
+#: Largest relative difference between the WCS and the model pixel scales (DES: 0.263 arcsec).
+PIXEL_SCALE_TOLERANCE = 0.02
+#: Most HDUs one file may hold; a cutout needs at most one per band plus the primary.
+MAX_HDUS = 64
+#: First bytes of a gzip member (RFC 1952) and of a FITS file (FITS 4.0, section 4.4.1.1).
+GZIP_MAGIC = b"\x1f\x8b"
+FITS_MAGIC = b"SIMPLE  ="
+#: Content-Encoding values read as gzip or as no encoding.
+GZIP_ENCODINGS = frozenset({"gzip", "x-gzip"})
+IDENTITY_ENCODINGS = frozenset({"", "identity"})
+#: A body may be gzipped for transport on top of a ``.fits.gz`` file, but no deeper.
+MAX_GZIP_LAYERS = 2
+#: Header keywords naming the band of a 2D image, in order of preference (EXTNAME is the fallback).
+BAND_KEYWORDS = ("FILTER", "BAND")
+#: Single-letter survey bands recognised inside FILTER values such as 'DECam r'.
+KNOWN_BANDS = frozenset("ugrizy")
+#: The BITPIX values FITS allows (FITS 4.0, table 8).
+BITPIX_VALUES = frozenset({8, 16, 32, 64, -32, -64})
+
+_CARD_BYTES = 80
+_BLOCK_BYTES = 2880
+#: Compressed bytes fed to zlib per call: keeps each copy of its unconsumed input small.
+_INFLATE_INPUT_BYTES = 1 << 16
+_BAND_SEPARATORS = re.compile(r"[\s,;:/_.'\"()\[\]-]+")
+_ACCEPTED = (
+    "accepted: a FITS file, optionally gzip-compressed, holding the bands as an image cube "
+    "(planes named by BANDS) or as one 2D image extension per band (named by FILTER, BAND or "
+    "EXTNAME)"
+)
+#: ``warnings.catch_warnings`` swaps process-wide state; concurrent decodes in worker
+#: threads must not interleave their save/restore, or the filters end up wrong for good.
+_WARNINGS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class FitsLimits:
+    """Caps that keep a hostile file from exhausting memory or time.
+
+    Parameters
+    ----------
+    max_decompressed_bytes : int
+        Largest FITS file accepted after gunzipping (bytes); a gzip bomb is
+        refused as soon as its output passes this.
+    max_pixels : int
+        Largest image accepted per HDU (pixels, product of NAXISn), checked
+        from the header before any data is read.
+    max_header_cards : int
+        Most cards (80-byte records) one header may hold.
+    max_masked_fraction : float
+        Largest fraction (0-1) of the cropped cutout that may be masked
+        (NaN or BLANK).
+    """
+
+    max_decompressed_bytes: int = 256 * 2**20
+    max_pixels: int = 16 * 2**20
+    max_header_cards: int = 2000
+    max_masked_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("max_decompressed_bytes", "max_pixels", "max_header_cards"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.max_masked_fraction <= 1.0:
+            raise ValueError(
+                f"max_masked_fraction must lie in [0, 1], got {self.max_masked_fraction}"
+            )
+
+
+DEFAULT_LIMITS = FitsLimits()
+
+
+@dataclass(frozen=True)
+class DecodedCutout:
+    """A decoded cutout, ready for :func:`service.preprocessing.preprocess_cutout`.
+
+    Parameters
+    ----------
+    pixels : ndarray of float32, shape (n_bands, size_pixels, size_pixels)
+        Linear fluxes in the file's unit, bands in the requested order;
+        masked pixels (NaN, infinite or BLANK) are NaN. C-contiguous, native
+        byte order.
+    masked_fraction : float
+        Fraction (0-1) of ``pixels`` that is masked.
+    ra_deg, dec_deg : float or None
+        ICRS right ascension and declination (degrees) of the cutout centre,
+        from the file's celestial WCS; None without a usable one.
+    warnings : tuple of str
+        What the decoder changed or assumed, for a person to read.
+    """
+
+    pixels: NDArray[np.float32]
+    masked_fraction: float
+    ra_deg: float | None
+    dec_deg: float | None
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Image:
+    """An image HDU with data: its position, and its shape in numpy order."""
+
+    index: int
+    hdu: fits.PrimaryHDU | fits.ImageHDU
+    header: fits.Header
+    full_shape: tuple[int, ...]
+    shape: tuple[int, ...]  # full_shape without leading length-1 axes, at least 2D
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """Where each requested band lives: an image and a plane (None for a 2D image)."""
+
+    planes: tuple[tuple[_Image, int | None], ...]
+    header: fits.Header  # carries the WCS of the selected pixels
+    warnings: tuple[str, ...]
+
+    @property
+    def image_shape(self) -> tuple[int, int]:
+        """(ny, nx) of every band (pixels)."""
+        ny, nx = self.planes[0][0].shape[-2:]
+        return ny, nx
+
+
+def decode_fits(
+    data: bytes,
+    *,
+    bands: Sequence[str] = DEFAULT_CUBE_BANDS,
+    size_pixels: int = 64,
+    pixel_scale_arcsec: float = 0.263,
+    limits: FitsLimits = DEFAULT_LIMITS,
+    content_encoding: str | None = None,
+) -> DecodedCutout:
+    """Decode one FITS cutout into a band-ordered float32 cube.
+
+    Parameters
+    ----------
+    data : bytes
+        The file as received: FITS, or gzip-compressed FITS (sniffed from
+        its magic bytes 1f 8b).
+    bands : sequence of str
+        Band names the model needs, in its input order (case-insensitive).
+    size_pixels : int
+        Side of the square cutout the model takes (pixels). Larger images are
+        centre-cropped: with an odd excess the extra row or column is dropped
+        from the high-index end (top or right in the usual display).
+    pixel_scale_arcsec : float
+        Pixel scale the model was trained at (arcsec/pixel); a celestial WCS
+        that differs by more than :data:`PIXEL_SCALE_TOLERANCE` is refused.
+    limits : FitsLimits
+        Caps on decompressed size (bytes), pixels per image, header cards and
+        masked fraction.
+    content_encoding : str or None
+        HTTP ``Content-Encoding`` the bytes came with: ``gzip``, ``identity``
+        or None.
+
+    Returns
+    -------
+    DecodedCutout
+        Pixels of shape (len(bands), size_pixels, size_pixels), the masked
+        fraction, the centre's RA/Dec (degrees) and warnings.
+
+    Raises
+    ------
+    InvalidFitsError
+        Not FITS, truncated or corrupt, or a declared gzip body that is not.
+    NoImageDataError
+        No image HDU with data (e.g. only tables), or an image that is
+        neither 2D nor a cube.
+    BandMismatchError
+        The bands present are not those the model needs.
+    CutoutTooSmallError
+        The image is smaller than ``size_pixels`` on an axis.
+    PixelScaleMismatchError
+        The WCS pixel scale is not ``pixel_scale_arcsec`` within 2%.
+    TooManyMaskedPixelsError
+        More than ``limits.max_masked_fraction`` of the cutout, or a whole
+        band, is masked.
+    PayloadTooLargeError
+        Over a limit in ``limits``, or more than :data:`MAX_HDUS` HDUs.
+    UnsupportedMediaTypeError
+        A ``content_encoding`` other than gzip or identity.
+    ValueError
+        Invalid ``bands``, ``size_pixels`` or ``pixel_scale_arcsec``: a
+        programming error, not a property of the file.
+    """
+    wanted = _normalise_bands(bands)
+    _check_geometry(size_pixels, pixel_scale_arcsec)
+    raw = _decompress(bytes(data), content_encoding=content_encoding, limits=limits)
+    _check_signature(raw)
+    _check_header_lengths(raw, limits)
+    with _astropy_quietly(), _open_fits(raw) as hdul:
+        images, descriptions = _read_images(hdul, limits)
+        selection = _select_bands(images, descriptions, wanted)
+        y0, x0, crop_warnings = _crop_origin(selection.image_shape, size_pixels)
+        pixels = _read_cutout(selection, y0=y0, x0=x0, size_pixels=size_pixels)
+        centre = (size_pixels - 1) / 2
+        ra_deg, dec_deg, wcs_warnings = _centre_sky_position(
+            selection.header,
+            x=x0 + centre,
+            y=y0 + centre,
+            pixel_scale_arcsec=pixel_scale_arcsec,
+        )
+    masked_fraction, mask_warnings = _check_masked(pixels, wanted, limits.max_masked_fraction)
+    return DecodedCutout(
+        pixels=pixels,
+        masked_fraction=masked_fraction,
+        ra_deg=ra_deg,
+        dec_deg=dec_deg,
+        warnings=(*selection.warnings, *crop_warnings, *wcs_warnings, *mask_warnings),
+    )
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _normalise_bands(bands: Sequence[str]) -> tuple[str, ...]:
+    """Lower-case, stripped band names; ValueError for an empty or repeated list."""
+    if isinstance(bands, str):
+        raise ValueError(f"bands must be a sequence of names, not the string {bands!r}")
+    wanted = tuple(str(band).strip().lower() for band in bands)
+    if not wanted or "" in wanted or len(set(wanted)) != len(wanted):
+        raise ValueError(f"bands must be distinct, non-empty names; got {list(bands)}")
+    return wanted
+
+
+def _check_geometry(size_pixels: int, pixel_scale_arcsec: float) -> None:
+    """ValueError unless the cutout side (pixels) and pixel scale (arcsec) make sense."""
+    if size_pixels < 1:
+        raise ValueError(f"size_pixels must be at least 1, got {size_pixels}")
+    if not (math.isfinite(pixel_scale_arcsec) and pixel_scale_arcsec > 0):
+        raise ValueError(f"pixel_scale_arcsec must be positive, got {pixel_scale_arcsec}")
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+def _decompress(data: bytes, *, content_encoding: str | None, limits: FitsLimits) -> bytes:
+    """The FITS bytes: gunzipped when gzip-compressed, within the decompressed-size cap."""
+    encoding = (content_encoding or "").strip().lower()
+    if encoding not in GZIP_ENCODINGS | IDENTITY_ENCODINGS:
+        raise UnsupportedMediaTypeError(
+            f"got Content-Encoding {content_encoding!r}; accepted: gzip or identity"
+        )
+    if encoding in GZIP_ENCODINGS and not data.startswith(GZIP_MAGIC):
+        raise InvalidFitsError(
+            f"got a body declared as Content-Encoding {content_encoding!r} that does not start "
+            f"with the gzip magic bytes 1f 8b (it starts with {data[:8]!r})"
+        )
+    for _ in range(MAX_GZIP_LAYERS):
+        if not data.startswith(GZIP_MAGIC):
+            break
+        data = _gunzip(data, max_bytes=limits.max_decompressed_bytes)
+    else:
+        if data.startswith(GZIP_MAGIC):
+            raise InvalidFitsError(
+                f"got a file gzip-compressed more than {MAX_GZIP_LAYERS} times; {_ACCEPTED}"
+            )
+    if len(data) > limits.max_decompressed_bytes:
+        raise PayloadTooLargeError(
+            f"got a {len(data)}-byte FITS file; at most {limits.max_decompressed_bytes} bytes "
+            "are accepted"
+        )
+    return data
+
+
+def _gunzip(data: bytes, *, max_bytes: int) -> bytes:
+    """Inflate every gzip member in ``data``, refusing output beyond ``max_bytes`` (bytes)."""
+    out = bytearray()
+    rest = data
+    while rest.startswith(GZIP_MAGIC):
+        rest = _inflate_member(rest, out, max_bytes=max_bytes)
+    if rest.strip(b"\0"):
+        raise InvalidFitsError(
+            f"got {len(rest)} bytes of trailing data after the gzip stream, starting with "
+            f"{rest[:8]!r}; {_ACCEPTED}"
+        )
+    return bytes(out)
+
+
+def _inflate_member(member: bytes, out: bytearray, *, max_bytes: int) -> bytes:
+    """Inflate the gzip member at the start of ``member`` into ``out``; return what follows it.
+
+    The output is produced at most ``max_bytes + 1`` bytes at a time, so a
+    gzip bomb costs no more than the cap in time and memory before it is refused.
+    """
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    view = memoryview(member)
+    try:
+        for start in range(0, len(view), _INFLATE_INPUT_BYTES):
+            pending: bytes | memoryview = view[start : start + _INFLATE_INPUT_BYTES]
+            while pending and not inflater.eof:
+                out += inflater.decompress(pending, max_bytes + 1 - len(out))
+                if len(out) > max_bytes:
+                    raise PayloadTooLargeError(
+                        f"got a gzip file that inflates to more than {max_bytes} bytes; at "
+                        f"most {max_bytes} decompressed bytes are accepted"
+                    )
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
+                return inflater.unused_data + bytes(view[start + _INFLATE_INPUT_BYTES :])
+    except zlib.error as exc:
+        raise InvalidFitsError(f"got a corrupt gzip stream ({exc}); {_ACCEPTED}") from exc
+    raise InvalidFitsError(
+        f"got a gzip stream that ends early, after {len(out)} decompressed bytes (truncated?); "
+        f"{_ACCEPTED}"
+    )
+
+
+def _check_signature(raw: bytes) -> None:
+    """InvalidFitsError unless ``raw`` starts like a FITS file."""
+    if not raw:
+        raise InvalidFitsError(f"got an empty file (0 bytes); {_ACCEPTED}")
+    if not raw.startswith(FITS_MAGIC):
+        raise InvalidFitsError(
+            f"got {len(raw)} bytes starting with {raw[:20]!r}, not a FITS file (which starts "
+            f"with {FITS_MAGIC.decode()!r}); {_ACCEPTED}"
+        )
+
+
+def _check_header_lengths(raw: bytes, limits: FitsLimits) -> None:
+    """Refuse a header over ``limits.max_header_cards`` cards before astropy parses it.
+
+    astropy spends microseconds per card, so a header tens of megabytes long
+    would hold a worker for seconds. This walks the HDUs by their mandatory
+    keywords only and stops quietly at anything it cannot follow; astropy
+    judges the rest, and :func:`_read_images` checks each parsed header too.
+    """
+    offset = 0
+    for index in range(MAX_HDUS):
+        header = _raw_header(raw, offset, index=index, max_cards=limits.max_header_cards)
+        if header is None:
+            return
+        keywords, header_bytes = header
+        data_bytes = _raw_data_bytes(keywords)
+        if data_bytes is None:
+            return
+        offset += header_bytes + _padded(data_bytes)
+        if not raw.startswith(b"XTENSION=", offset):
+            return  # the end, or bytes after the last HDU that astropy ignores
+
+
+def _raw_header(
+    raw: bytes, offset: int, *, index: int, max_cards: int
+) -> tuple[dict[str, int], int] | None:
+    """Integer structural keywords of the header at ``offset``, and its padded length (bytes).
+
+    None when the bytes end before an END card.
+    """
+    keywords: dict[str, int] = {}
+    for count, start in enumerate(range(offset, len(raw) - _CARD_BYTES + 1, _CARD_BYTES)):
+        card = raw[start : start + _CARD_BYTES]
+        name = card[:8].rstrip()
+        if name == b"END":
+            return keywords, _padded(start + _CARD_BYTES - offset)
+        if count >= max_cards:
+            raise PayloadTooLargeError(
+                f"got a header (HDU {index}) of more than {max_cards} cards; at most "
+                f"{max_cards} cards per header are accepted"
+            )
+        if name in (b"BITPIX", b"PCOUNT", b"GCOUNT") or name.startswith(b"NAXIS"):
+            value = _raw_card_int(card)
+            if value is not None:  # astropy reads the first of repeated keywords
+                keywords.setdefault(name.decode("ascii", "replace"), value)
+    return None
+
+
+def _raw_card_int(card: bytes) -> int | None:
+    """The integer value of a header card image, or None."""
+    if card[8:10] != b"= ":
+        return None
+    try:
+        return int(card[10:].split(b"/", 1)[0].strip())
+    except ValueError:
+        return None
+
+
+def _raw_data_bytes(keywords: dict[str, int]) -> int | None:
+    """Size (bytes) of the data unit these keywords describe; None for anything unusual."""
+    bitpix, naxis = keywords.get("BITPIX"), keywords.get("NAXIS")
+    pcount, gcount = keywords.get("PCOUNT", 0), keywords.get("GCOUNT", 1)
+    if bitpix not in BITPIX_VALUES or naxis is None or not 0 <= naxis <= 999:
+        return None
+    if naxis == 0:
+        return 0
+    dims = [keywords.get(f"NAXIS{axis}", 0) for axis in range(1, naxis + 1)]
+    if min(dims) <= 0 or pcount < 0 or gcount < 0:
+        return None  # includes random groups (NAXIS1 = 0): obsolete, left to astropy
+    return abs(bitpix) // 8 * gcount * (pcount + math.prod(dims))
+
+
+def _padded(size_bytes: int) -> int:
+    """``size_bytes`` rounded up to whole 2880-byte FITS blocks."""
+    return -(-size_bytes // _BLOCK_BYTES) * _BLOCK_BYTES
+
+
+# --------------------------------------------------------------------------- astropy
+
+
+@contextmanager
+def _astropy_quietly() -> Iterator[None]:
+    """Silence astropy's and numpy's warnings about odd files: the result reports what matters.
+
+    Warnings turned into errors (``-W error``) would otherwise make a readable
+    file fail; numpy's error state is thread-local, the warnings filters are
+    not, hence the lock.
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _reason(exc: BaseException) -> str:
+    """A third-party exception, short enough for a client message."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _open_fits(raw: bytes) -> fits.HDUList:
+    """An HDU list over ``raw`` that parses each HDU only when it is reached."""
+    try:
+        return fits.open(
+            io.BytesIO(raw),
+            mode="readonly",
+            memmap=False,
+            lazy_load_hdus=True,
+            cache=False,
+            uint=False,  # BZERO = 2**15 etc. scale to floats like any other BZERO
+        )
+    except Exception as exc:  # astropy raises OSError, ValueError, TypeError, ... on bad bytes
+        raise InvalidFitsError(
+            f"got {len(raw)} bytes that astropy cannot read as FITS ({_reason(exc)}); {_ACCEPTED}"
+        ) from exc
+
+
+def _read_images(hdul: fits.HDUList, limits: FitsLimits) -> tuple[list[_Image], list[str]]:
+    """The image HDUs with data, and a description of every HDU, after the size checks."""
+    images: list[_Image] = []
+    descriptions: list[str] = []
+    for index in itertools.count():
+        hdu = _hdu_at(hdul, index)
+        if hdu is None:
+            break
+        if index == MAX_HDUS:
+            raise PayloadTooLargeError(
+                f"got a FITS file of more than {MAX_HDUS} HDUs; at most {MAX_HDUS} are accepted"
+            )
+        image = _as_image(hdu, index, limits)
+        if image is not None:
+            images.append(image)
+        descriptions.append(f"HDU {index} {_describe_hdu(hdu, image)}")
+    return images, descriptions
+
+
+def _hdu_at(hdul: fits.HDUList, index: int) -> fits.hdu.base._BaseHDU | None:
+    """HDU ``index``, parsed now; None past the last one."""
+    try:
+        return hdul[index]
+    except IndexError:
+        return None
+    except Exception as exc:
+        raise InvalidFitsError(
+            f"got a FITS file whose HDU {index} cannot be read ({_reason(exc)}); {_ACCEPTED}"
+        ) from exc
+
+
+def _describe_hdu(hdu: fits.hdu.base._BaseHDU, image: _Image | None) -> str:
+    """What an HDU holds, in a few words."""
+    if image is not None:
+        return f"({type(hdu).__name__}, {'x'.join(map(str, image.full_shape))} image)"
+    if _is_image_hdu(hdu):
+        return f"({type(hdu).__name__} without data)"
+    return f"({type(hdu).__name__})"
+
+
+def _is_image_hdu(hdu: object) -> bool:
+    """Whether ``hdu`` is an image (plain or tile-compressed), not a table or random groups."""
+    return isinstance(hdu, fits.PrimaryHDU | fits.ImageHDU) and not isinstance(hdu, fits.GroupsHDU)
+
+
+def _as_image(hdu: fits.hdu.base._BaseHDU, index: int, limits: FitsLimits) -> _Image | None:
+    """``hdu`` as an image with data after the header checks; None for a table or no data."""
+    header = _header(hdu, index)
+    if len(header) > limits.max_header_cards:
+        raise PayloadTooLargeError(
+            f"got a header (HDU {index}) of {len(header)} cards; at most "
+            f"{limits.max_header_cards} cards per header are accepted"
+        )
+    if not _is_image_hdu(hdu):
+        return None
+    bitpix = _header_int(header, "BITPIX", index)
+    if bitpix not in BITPIX_VALUES:
+        raise InvalidFitsError(
+            f"got BITPIX = {bitpix} in HDU {index}; FITS allows {sorted(BITPIX_VALUES)}"
+        )
+    naxis = _header_int(header, "NAXIS", index)
+    if not 0 <= naxis <= 999:
+        raise InvalidFitsError(f"got NAXIS = {naxis} in HDU {index}; FITS allows 0 to 999")
+    full_shape = tuple(_header_int(header, f"NAXIS{axis}", index) for axis in range(naxis, 0, -1))
+    if not full_shape or min(full_shape) <= 0:
+        return None
+    pixels = math.prod(full_shape)
+    if pixels > limits.max_pixels:
+        raise PayloadTooLargeError(
+            f"got a {' x '.join(map(str, full_shape))} image in HDU {index} ({pixels} pixels "
+            f"of BITPIX {bitpix}); at most {limits.max_pixels} pixels per image are accepted"
+        )
+    shape = full_shape
+    while len(shape) > 2 and shape[0] == 1:
+        shape = shape[1:]
+    return _Image(index=index, hdu=hdu, header=header, full_shape=full_shape, shape=shape)
+
+
+def _header(hdu: fits.hdu.base._BaseHDU, index: int) -> fits.Header:
+    """The header of ``hdu``; InvalidFitsError when astropy cannot build it."""
+    try:
+        return hdu.header
+    except Exception as exc:
+        raise InvalidFitsError(
+            f"got a FITS file whose HDU {index} header cannot be read ({_reason(exc)}); {_ACCEPTED}"
+        ) from exc
+
+
+def _header_value(header: fits.Header, key: str, index: int) -> object:
+    """The value of keyword ``key``, None when absent; InvalidFitsError when unparsable."""
+    try:
+        return header.get(key)
+    except Exception as exc:  # astropy parses card values lazily: VerifyError, ValueError, ...
+        raise InvalidFitsError(
+            f"got a header (HDU {index}) whose {key} card cannot be parsed ({_reason(exc)})"
+        ) from exc
+
+
+def _header_int(header: fits.Header, key: str, index: int) -> int:
+    """Integer keyword ``key``; InvalidFitsError when missing or not an integer."""
+    value = _header_value(header, key, index)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidFitsError(f"got {key} = {value!r} in HDU {index}; it must be an integer")
+    return value
+
+
+# --------------------------------------------------------------------------- bands
+
+
+def _select_bands(
+    images: list[_Image], descriptions: list[str], wanted: tuple[str, ...]
+) -> _Selection:
+    """Where each wanted band is: planes of the first image cube, or 2D image extensions."""
+    if not images:
+        raise NoImageDataError(
+            f"got a FITS file with no image data: {', '.join(descriptions)}; {_ACCEPTED}"
+        )
+    first = images[0]
+    if len(first.shape) == 3:
+        return _select_cube_planes(first, wanted)
+    if len(first.shape) == 2:
+        return _select_band_images([image for image in images if len(image.shape) == 2], wanted)
+    raise NoImageDataError(
+        f"got a {len(first.full_shape)}-dimensional image of shape "
+        f"{'x'.join(map(str, first.full_shape))} in HDU {first.index}; {_ACCEPTED}"
+    )
+
+
+def _select_cube_planes(cube: _Image, wanted: tuple[str, ...]) -> _Selection:
+    """The planes of ``cube`` holding the wanted bands, by its BANDS keyword."""
+    n_planes = cube.shape[0]
+    named = _header_value(cube.header, "BANDS", cube.index)
+    warnings_: tuple[str, ...] = ()
+    if isinstance(named, str) and named.strip():
+        names = [name.lower() for name in re.split(r"[\s,;]+", named.strip()) if name]
+        if len(names) != n_planes:
+            raise BandMismatchError(
+                f"got a {n_planes}-plane cube whose BANDS keyword {named!r} names {len(names)} "
+                f"bands; the model needs {_join(wanted)}, one plane each"
+            )
+    elif n_planes == len(DEFAULT_CUBE_BANDS):
+        names = list(DEFAULT_CUBE_BANDS)
+        warnings_ = (f"no BANDS keyword: assumed the planes are {_join(DEFAULT_CUBE_BANDS)}",)
+    else:
+        raise BandMismatchError(
+            f"got a {n_planes}-plane cube without a BANDS keyword; the model needs "
+            f"{_join(wanted)} (a {len(DEFAULT_CUBE_BANDS)}-plane cube is read as "
+            f"{_join(DEFAULT_CUBE_BANDS)}; otherwise name the planes in BANDS)"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    missing = [band for band in wanted if band not in names]
+    if missing or repeated:
+        problem = f"missing {_join(missing)}" if missing else f"{_join(repeated)} repeated"
+        raise BandMismatchError(
+            f"got {_count_bands(names)}; the model needs {_join(wanted)} ({problem})"
+        )
+    planes = tuple((cube, names.index(band)) for band in wanted)
+    return _Selection(planes=planes, header=cube.header, warnings=warnings_)
+
+
+def _select_band_images(images: list[_Image], wanted: tuple[str, ...]) -> _Selection:
+    """One 2D image per wanted band, by FILTER, BAND or EXTNAME."""
+    named = [(image, _band_of(image, wanted)) for image in images]
+    by_band: dict[str, list[_Image]] = {}
+    for image, band in named:
+        if band is not None:
+            by_band.setdefault(band, []).append(image)
+    missing = [band for band in wanted if band not in by_band]
+    if missing:
+        received = ", ".join(
+            f"HDU {image.index}: {band or 'no band named'}" for image, band in named
+        )
+        raise BandMismatchError(
+            f"got {len(images)} 2D image{'' if len(images) == 1 else 's'} ({received}); the "
+            f"model needs {_join(wanted)}, as a cube or as one 2D image per band named by "
+            f"FILTER, BAND or EXTNAME (missing {_join(missing)})"
+        )
+    for band in wanted:
+        if len(by_band[band]) > 1:
+            raise BandMismatchError(
+                f"got band {band} in {len(by_band[band])} HDUs "
+                f"({_join(str(image.index) for image in by_band[band])}); each band the model "
+                f"needs ({_join(wanted)}) must appear once"
+            )
+    chosen = [by_band[band][0] for band in wanted]
+    shapes = {image.shape for image in chosen}
+    if len(shapes) > 1:
+        sizes = ", ".join(
+            f"{band} {image.shape[1]}x{image.shape[0]}"
+            for band, image in zip(wanted, chosen, strict=True)
+        )
+        raise BandMismatchError(f"got band images of different sizes ({sizes}); they must match")
+    return _Selection(
+        planes=tuple((image, None) for image in chosen), header=chosen[0].header, warnings=()
+    )
+
+
+def _band_of(image: _Image, wanted: tuple[str, ...]) -> str | None:
+    """The band a 2D image holds, from FILTER or BAND, else EXTNAME; None if none says."""
+    for key in (*BAND_KEYWORDS, "EXTNAME"):
+        band = _band_from_text(_header_value(image.header, key, image.index), wanted)
+        if band is not None:
+            return band
+    return None
+
+
+def _band_from_text(value: object, wanted: tuple[str, ...]) -> str | None:
+    """The one band named in a keyword value such as 'DECam r' or 'r DECam SDSS c0002'."""
+    if not isinstance(value, str):
+        return None
+    words = {word.lower() for word in _BAND_SEPARATORS.split(value) if word}
+    hits = words & (KNOWN_BANDS | set(wanted))
+    return hits.pop() if len(hits) == 1 else None
+
+
+def _join(items: Iterable[str]) -> str:
+    """'g, r, i'."""
+    return ", ".join(items)
+
+
+def _count_bands(names: Sequence[str]) -> str:
+    """'2 bands (g, r)'."""
+    return f"{len(names)} band{'' if len(names) == 1 else 's'} ({_join(names)})"
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def _crop_origin(image_shape: tuple[int, int], size_pixels: int) -> tuple[int, int, list[str]]:
+    """Offsets (y0, x0, pixels) of the central ``size_pixels`` square, and a warning if cropped.
+
+    With an odd excess the extra row or column is left at the high-index end.
+    """
+    ny, nx = image_shape
+    if ny < size_pixels or nx < size_pixels:
+        raise CutoutTooSmallError(
+            f"got a {nx}x{ny}-pixel cutout; the model needs at least {size_pixels}x{size_pixels} "
+            "pixels (larger cutouts are cropped to their centre)"
+        )
+    y0, x0 = (ny - size_pixels) // 2, (nx - size_pixels) // 2
+    if (ny, nx) == (size_pixels, size_pixels):
+        return y0, x0, []
+    return y0, x0, [f"cropped {nx}x{ny} to the central {size_pixels}x{size_pixels} pixels"]
+
+
+def _read_cutout(
+    selection: _Selection, *, y0: int, x0: int, size_pixels: int
+) -> NDArray[np.float32]:
+    """The cropped bands as float32, scaled by BSCALE/BZERO, masked pixels as NaN."""
+    pixels = np.empty((len(selection.planes), size_pixels, size_pixels), dtype=np.float32)
+    rows, columns = slice(y0, y0 + size_pixels), slice(x0, x0 + size_pixels)
+    for band, (image, plane) in enumerate(selection.planes):
+        leading = (0,) * (len(image.full_shape) - len(image.shape))
+        key = (*leading, *(() if plane is None else (plane,)), rows, columns)
+        _read_section(image, key, out=pixels[band])
+    pixels[~np.isfinite(pixels)] = np.nan
+    return pixels
+
+
+def _read_section(image: _Image, key: tuple[int | slice, ...], *, out: NDArray[np.float32]) -> None:
+    """Write part of an image's data, scaled (BLANK -> NaN), into ``out``.
+
+    ``section`` reads only those pixels, and decompresses only the tiles that hold them.
+    """
+    try:
+        out[...] = image.hdu.section[key]
+    except Exception as exc:
+        raise InvalidFitsError(
+            f"got a FITS file whose image data in HDU {image.index} cannot be read "
+            f"({_reason(exc)}); the file may be truncated or corrupt"
+        ) from exc
+
+
+def _check_masked(
+    pixels: NDArray[np.float32], wanted: tuple[str, ...], max_fraction: float
+) -> tuple[float, list[str]]:
+    """The masked fraction (0-1) of the cutout, and a warning; refuses too much masking."""
+    masked = np.isnan(pixels)
+    count = int(np.count_nonzero(masked))
+    fraction = count / pixels.size
+    empty = [band for band, plane in zip(wanted, masked, strict=True) if plane.all()]
+    if empty:
+        raise TooManyMaskedPixelsError(
+            f"got a cutout whose band(s) {_join(empty)} are entirely masked (NaN or BLANK); "
+            f"every band needs data, and at most {_percent(max_fraction)} of the pixels may be "
+            "masked"
+        )
+    if fraction > max_fraction:
+        raise TooManyMaskedPixelsError(
+            f"got {count} of {pixels.size} pixels masked (NaN or BLANK), {_percent(fraction)} "
+            f"of the cutout; at most {_percent(max_fraction)} may be masked"
+        )
+    if count == 0:
+        return 0.0, []
+    return fraction, [
+        f"{_percent(fraction)} of pixels masked (NaN/BLANK) were filled ({count} of {pixels.size})"
+    ]
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"
+
+
+# --------------------------------------------------------------------------- WCS
+
+
+def _centre_sky_position(
+    header: fits.Header, *, x: float, y: float, pixel_scale_arcsec: float
+) -> tuple[float | None, float | None, list[str]]:
+    """ICRS RA/Dec (degrees) at 0-based pixel (x, y) from the header's celestial WCS.
+
+    Returns Nones without a celestial WCS, and Nones with a warning when the
+    WCS cannot be used; raises PixelScaleMismatchError when its pixel scale
+    (arcsec/pixel) is not ``pixel_scale_arcsec`` within the tolerance.
+    """
+    try:
+        if not any(key.startswith("CTYPE") for key in header):
+            return None, None, []
+        full = WCS(header)
+        celestial = full.celestial
+        if not celestial.has_celestial:
+            return None, None, []
+        if {full.wcs.lng, full.wcs.lat} != {0, 1}:
+            return None, None, ["ignored the WCS: its celestial axes are not the image axes"]
+        scales_arcsec = [q.to_value(u.arcsec) for q in celestial.proj_plane_pixel_scales()]
+        sky = celestial.pixel_to_world(x, y)
+        icrs = sky.icrs if isinstance(sky, SkyCoord) else None
+        ra_deg = float(icrs.ra.deg) if icrs is not None else math.nan
+        dec_deg = float(icrs.dec.deg) if icrs is not None else math.nan
+    except Exception as exc:  # wcslib and astropy raise many types on broken WCS keywords
+        return None, None, [f"ignored the WCS: astropy could not use it ({_reason(exc)})"]
+    if not all(math.isfinite(s) and s > 0 for s in scales_arcsec):
+        return None, None, ["ignored the WCS: its pixel scale is not a positive number"]
+    _check_pixel_scale(scales_arcsec, pixel_scale_arcsec)
+    if not (math.isfinite(ra_deg) and math.isfinite(dec_deg)):
+        return None, None, ["ignored the WCS: the cutout centre has no sky position"]
+    return ra_deg, dec_deg, []
+
+
+def _check_pixel_scale(scales_arcsec: list[float], pixel_scale_arcsec: float) -> None:
+    """PixelScaleMismatchError when an axis scale (arcsec/pixel) is off by more than 2%."""
+    if all(abs(scale / pixel_scale_arcsec - 1) <= PIXEL_SCALE_TOLERANCE for scale in scales_arcsec):
+        return
+    got = " x ".join(f"{scale:.4g}" for scale in scales_arcsec)
+    raise PixelScaleMismatchError(
+        f"got a pixel scale of {got} arcsec/pixel from the WCS; the model needs "
+        f"{pixel_scale_arcsec:.4g} arcsec/pixel (within {_percent(PIXEL_SCALE_TOLERANCE)}); "
+        "resample the cutout to that scale"
+    )
