@@ -101,8 +101,9 @@ class FitsLimits:
         (NaN or BLANK).
     """
 
-    max_decompressed_bytes: int = 256 * 2**20
-    max_pixels: int = 16 * 2**20
+    # Sized for cutouts on a small box; Settings takes its defaults from here.
+    max_decompressed_bytes: int = 64 * 2**20
+    max_pixels: int = 4_000_000
     max_header_cards: int = 2000
     max_masked_fraction: float = 0.25
 

@@ -14,6 +14,8 @@ from typing import Literal, Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.fits_codec import DEFAULT_LIMITS
+
 #: The ``models/`` folder next to the ``service/`` package in a source checkout.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
@@ -71,17 +73,17 @@ class Settings(BaseSettings):
     max_files: int = Field(default=256, ge=1)
     """Most FITS files in one multipart request (files)."""
 
-    max_decompressed_bytes: int = Field(default=64 * MiB, ge=1024)
+    max_decompressed_bytes: int = Field(default=DEFAULT_LIMITS.max_decompressed_bytes, ge=1024)
     """Largest size one file may reach once gunzipped or tile-decompressed, and largest
     image data its header may declare (bytes)."""
 
-    max_pixels: int = Field(default=4_000_000, ge=1)
+    max_pixels: int = Field(default=DEFAULT_LIMITS.max_pixels, ge=1)
     """Most pixels (all bands together) one file's image data may declare (pixels)."""
 
-    max_header_cards: int = Field(default=10_000, ge=1)
+    max_header_cards: int = Field(default=DEFAULT_LIMITS.max_header_cards, ge=1)
     """Most header cards read from one HDU (cards)."""
 
-    max_masked_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    max_masked_fraction: float = Field(default=DEFAULT_LIMITS.max_masked_fraction, ge=0.0, le=1.0)
     """Largest fraction of masked (NaN or BLANK) pixels a cutout may have (fraction 0-1)."""
 
     default_samples: int = Field(default=100, ge=1)

@@ -102,6 +102,21 @@ def _rename_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
         output.name = new
 
 
+def _unseed_random_nodes(proto: onnx.ModelProto) -> None:
+    """Drop the ``seed`` tf2onnx writes on random nodes.
+
+    With a fixed seed attribute every session draws the same dropout masks and
+    ``onnxruntime.set_seed`` cannot reach them; without it the masks come from
+    onnxruntime's global generator, so a request's ``seed`` makes draws
+    reproducible and unseeded runs differ.
+    """
+    for node in proto.graph.node:
+        if node.op_type.startswith("RandomUniform") or node.op_type.startswith("RandomNormal"):
+            kept = [a for a in node.attribute if a.name != "seed"]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+
+
 def export_onnx(name: str, model: keras.Model, path: Path) -> None:
     """Convert one model with tf2onnx and write it to ``path``."""
     function = _function_for(name, model)
@@ -109,6 +124,7 @@ def export_onnx(name: str, model: keras.Model, path: Path) -> None:
         function, input_signature=function.input_signature, opset=ONNX_OPSET
     )
     _rename_outputs(proto, [o["name"] for o in _OUTPUTS[name]])
+    _unseed_random_nodes(proto)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from service.errors import InferenceError, ModelUnavailableError
 
 from service import runtime as runtime_module
 from service.cards import (
@@ -26,6 +25,7 @@ from service.cards import (
     REGRESSOR_NAME,
     read_model_cards,
 )
+from service.errors import InferenceError, ModelUnavailableError
 from service.preprocessing import PREPROCESSING_ID
 from service.runtime import (
     CPU_PROVIDER,
@@ -198,12 +198,7 @@ def test_seeded_mc_sampling_is_reproducible_and_matches_set_seed(runtime, images
 
 
 def test_different_seeds_give_different_dropout_masks(runtime, images):
-    if not runtime.seed_controls_dropout:
-        pytest.xfail(
-            "the shipped MC model's RandomUniformLike nodes carry seed=0.0 (written by "
-            "tf2onnx), so onnxruntime.set_seed cannot reach them; training/export.py must "
-            "drop that attribute"
-        )
+    assert runtime.seed_controls_dropout
     first = runtime.predict(images, num_samples=50, seed=1234)
     other = runtime.predict(images, num_samples=50, seed=4321)
     assert not np.array_equal(first.theta_E_samples, other.theta_E_samples)

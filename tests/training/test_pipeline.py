@@ -43,7 +43,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
         feeds = {"image": image}
         if card["extra_inputs"]:
-            feeds["num_samples"] = np.int32(5)
+            feeds["num_samples"] = np.array(5, dtype=np.int32)
         outputs = session.run(None, feeds)
         assert all(np.all(np.isfinite(o)) for o in outputs)
     assert (models / "lens_classifier_roc.png").stat().st_size > 1000

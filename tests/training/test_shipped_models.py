@@ -65,8 +65,8 @@ def test_mc_model_is_stochastic_and_matches_keras_in_distribution(cubes):
     image = preprocess_batch(cubes[1:2])
     session = _session("einstein_radius_mc")
     n = 2000
-    first = session.run(None, {"image": image, "num_samples": np.int32(n)})
-    second = session.run(None, {"image": image, "num_samples": np.int32(n)})
+    first = session.run(None, {"image": image, "num_samples": np.array(n, dtype=np.int32)})
+    second = session.run(None, {"image": image, "num_samples": np.array(n, dtype=np.int32)})
     assert first[0].shape == (1, n)
     assert not np.array_equal(first[0], second[0]), "two ONNX runs gave identical MC samples"
 
