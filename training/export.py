@@ -218,7 +218,8 @@ def export_all(runs_dir: Path, models_dir: Path, *, data_dirs: list[Path]) -> li
         model = keras.saving.load_model(runs_dir / keras_file, compile=False)
         onnx_path = models_dir / f"{name}.onnx"
         export_onnx(name, model, onnx_path)
-        shutil.copyfile(runs_dir / keras_file, models_dir / keras_file)
+        # Re-saved uncompiled: the shipped file carries weights, not optimizer state.
+        model.save(models_dir / keras_file)
         card = model_card(
             name,
             model,

@@ -5,14 +5,17 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from training.models import PARAMETER_SCALES
+from training.models import PARAMETER_LOSS_WEIGHTS, PARAMETER_SCALES
 
 
 @keras.saving.register_keras_serializable(package="lensserve")
 def scaled_mse(y_true, y_pred):
-    """Mean squared error with each parameter divided by its typical spread."""
+    """Weighted mean squared error, each parameter in units of its typical spread."""
     scale = tf.constant(PARAMETER_SCALES, y_pred.dtype)
-    return tf.reduce_mean(tf.square((y_true - y_pred) / scale), axis=-1)
+    weight = tf.constant(PARAMETER_LOSS_WEIGHTS, y_pred.dtype)
+    return tf.reduce_sum(weight * tf.square((y_true - y_pred) / scale), axis=-1) / tf.reduce_sum(
+        weight
+    )
 
 
 @keras.saving.register_keras_serializable(package="lensserve")

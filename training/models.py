@@ -20,6 +20,9 @@ PARAMETER_NAMES: tuple[str, ...] = ("theta_E", "e1", "e2", "center_x", "center_y
 #: maps unit-scale outputs to physical units with these, so losses are balanced.
 PARAMETER_OFFSETS: tuple[float, ...] = (1.75, 0.0, 0.0, 0.0, 0.0)
 PARAMETER_SCALES: tuple[float, ...] = (0.75, 0.12, 0.12, 0.1, 0.1)
+#: Relative weight of each parameter in the regression loss: theta_E is the
+#: product's headline number, the others are nuisances the trunk must see.
+PARAMETER_LOSS_WEIGHTS: tuple[float, ...] = (4.0, 1.0, 1.0, 1.0, 1.0)
 
 
 @keras.saving.register_keras_serializable(package="lensserve")
@@ -93,7 +96,9 @@ def build_trunk(config: ModelConfig, *, name: str) -> keras.Model:
         x = keras.layers.MaxPooling2D(2, name=f"{name}_stage{stage}_pool")(x)
     # Flatten, not global pooling: the centre offsets need absolute position.
     x = keras.layers.Flatten(name=f"{name}_flatten")(x)
-    x = keras.layers.Dense(config.feature_units, activation="relu", name=f"{name}_features")(x)
+    # SiLU, not ReLU: a regression loss can switch off every ReLU unit early on
+    # (and exact GELU exports as Erfc, which ONNX opset 17 lacks).
+    x = keras.layers.Dense(config.feature_units, activation="silu", name=f"{name}_features")(x)
     return keras.Model(image, x, name=name)
 
 

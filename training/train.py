@@ -90,17 +90,34 @@ def _subset(split: Split, index: NDArray) -> Split:
     return Split(split.images[index], split.parameters[index], split.is_lens[index])
 
 
-def _optimizer(config: TrainingConfig, steps: int) -> keras.optimizers.Optimizer:
+def _optimizer(
+    peak_learning_rate: float, *, steps_per_epoch: int, epochs: int, warmup_epochs: int
+) -> keras.optimizers.Optimizer:
+    """Adam with a linear warm-up to ``peak_learning_rate``, then cosine decay."""
+    warmup_steps = min(warmup_epochs, max(epochs - 1, 0)) * steps_per_epoch
     schedule = keras.optimizers.schedules.CosineDecay(
-        config.learning_rate, decay_steps=max(steps, 1), alpha=0.02
+        0.0,
+        decay_steps=max(steps_per_epoch * epochs - warmup_steps, 1),
+        alpha=0.02,
+        warmup_target=peak_learning_rate,
+        warmup_steps=warmup_steps,
     )
     return keras.optimizers.Adam(schedule)
 
 
 def train_classifier(
-    train: Split, valid: Split, model_config: ModelConfig, config: TrainingConfig
+    train: Split,
+    valid: Split,
+    model_config: ModelConfig,
+    config: TrainingConfig,
+    *,
+    initial_trunk: keras.Model | None = None,
 ) -> keras.Model:
+    """Lens classifier; its trunk starts from ``initial_trunk``'s weights when given
+    (the regressor's, which already knows where arcs are)."""
     model = build_lens_classifier(model_config)
+    if initial_trunk is not None:
+        model.get_layer("lens_classifier_trunk").set_weights(initial_trunk.get_weights())
     batches = AugmentedBatches(
         train.images,
         train.parameters,
@@ -109,7 +126,12 @@ def train_classifier(
         seed=config.seed,
     )
     model.compile(
-        optimizer=_optimizer(config, len(batches) * config.classifier_epochs),
+        optimizer=_optimizer(
+            config.classifier_learning_rate,
+            steps_per_epoch=len(batches),
+            epochs=config.classifier_epochs,
+            warmup_epochs=config.warmup_epochs,
+        ),
         loss="binary_crossentropy",
         metrics=[keras.metrics.AUC(name="auroc")],
     )
@@ -130,7 +152,13 @@ def train_regressor(
         train.images, train.parameters, None, batch_size=config.batch_size, seed=config.seed + 1
     )
     model.compile(
-        optimizer=_optimizer(config, len(batches) * config.regressor_epochs), loss=scaled_mse
+        optimizer=_optimizer(
+            config.regressor_learning_rate,
+            steps_per_epoch=len(batches),
+            epochs=config.regressor_epochs,
+            warmup_epochs=config.warmup_epochs,
+        ),
+        loss=scaled_mse,
     )
     model.fit(
         batches,
@@ -180,10 +208,13 @@ def train_mc_model(
     rng = np.random.default_rng(config.seed + 2)
     features, targets = _augmented_features(trunk, train, copies=4, rng=rng)
     head = build_mc_head(model_config)
-    steps = math.ceil(len(features) / config.batch_size) * config.mc_head_epochs
-    head.compile(
-        optimizer=_optimizer(replace(config, learning_rate=1e-3), steps), loss=gaussian_nll
+    optimizer = _optimizer(
+        config.mc_head_learning_rate,
+        steps_per_epoch=math.ceil(len(features) / config.batch_size),
+        epochs=config.mc_head_epochs,
+        warmup_epochs=config.warmup_epochs,
     )
+    head.compile(optimizer=optimizer, loss=gaussian_nll)
     head.fit(
         features[:, None, :],
         targets[:, None, :],
@@ -227,10 +258,16 @@ def train_all(
     lenses_train = _subset(train, np.flatnonzero(train.is_lens == 1))
     lenses_valid = _subset(valid, np.flatnonzero(valid.is_lens == 1))
 
-    classifier = train_classifier(train, valid, model_config, config)
-    classifier.save(runs_dir / RUN_FILES["lens_classifier"])
     regressor = train_regressor(lenses_train, lenses_valid, model_config, config)
     regressor.save(runs_dir / RUN_FILES["einstein_radius"])
+    classifier = train_classifier(
+        train,
+        valid,
+        model_config,
+        config,
+        initial_trunk=regressor.get_layer("einstein_radius_trunk"),
+    )
+    classifier.save(runs_dir / RUN_FILES["lens_classifier"])
     mc_model, scale = train_mc_model(regressor, lenses_train, lenses_valid, model_config, config)
     mc_model.save(runs_dir / RUN_FILES["einstein_radius_mc"])
 
