@@ -83,6 +83,116 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_serve)
 
 
+def _batch(args: argparse.Namespace) -> int:
+    """Score a catalogue of FITS files on Dask and write one table row per file."""
+    try:
+        from service.batch import WorkerConfig, run_batch
+        from service.fits_codec import FitsLimits
+    except ImportError as exc:
+        print(
+            f"lensserve batch needs Dask and pyarrow ({exc}); pip install 'lensserve[batch]'",
+            file=sys.stderr,
+        )
+        return 2
+    from service.errors import LensServeError
+
+    if args.models_dir is not None:
+        os.environ["LENSSERVE_MODELS_DIR"] = str(args.models_dir.resolve())
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"lensserve: invalid LENSSERVE_* configuration:\n{exc}", file=sys.stderr)
+        return 2
+    samples = args.samples or settings.default_samples
+    if samples > settings.max_samples:
+        print(f"lensserve: --samples {samples} exceeds {settings.max_samples}", file=sys.stderr)
+        return 2
+    config = WorkerConfig(
+        models_dir=str(settings.models_dir),
+        device=settings.device,
+        # Parallelism comes from the workers: one operator thread each unless configured.
+        intra_op_threads=settings.intra_op_threads or 1,
+        limits=FitsLimits(
+            max_decompressed_bytes=settings.max_decompressed_bytes,
+            max_pixels=settings.max_pixels,
+            max_header_cards=settings.max_header_cards,
+            max_masked_fraction=settings.max_masked_fraction,
+        ),
+        num_samples=samples,
+        seed=args.seed,
+    )
+    try:
+        summary = run_batch(
+            args.inputs,
+            out=args.out,
+            config=config,
+            partition_size=args.partition_size,
+            scheduler=args.scheduler,
+            n_workers=args.workers or available_cores(),
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    except (LensServeError, ValueError) as exc:
+        print(f"lensserve batch: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"lensserve batch: wrote {summary.rows} rows ({summary.error_rows} with errors) to "
+        f"{args.out}; partitions scored {summary.partitions_scored}, resumed "
+        f"{summary.partitions_resumed}, failed {summary.partitions_failed}",
+        file=sys.stderr,
+    )
+    if summary.partitions_failed:
+        print(
+            "lensserve batch: rerun the same command to retry the failed partitions",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "batch",
+        help="score a catalogue of FITS files on Dask",
+        description="Run the models on every input file, on a local Dask cluster or on the "
+        "scheduler given, and write one row per file (predictions or error). Rerunning an "
+        "interrupted command resumes it. Other settings come from LENSSERVE_* variables.",
+    )
+    parser.add_argument(
+        "inputs", nargs="+", help="FITS files, globs, folders, or .txt/.lst lists of paths"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output table: .parquet, .csv or .fits"
+    )
+    parser.add_argument(
+        "--scheduler", default=None, help="Dask scheduler address, e.g. tcp://host:8786"
+    )
+    parser.add_argument(
+        "--partition-size",
+        type=_positive_int,
+        default=256,
+        help="files per Dask task and per model call (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help="worker processes of the local cluster (default: one per core)",
+    )
+    parser.add_argument(
+        "--samples", type=_positive_int, default=None, help="MC-dropout samples per cutout"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="makes the MC-dropout results reproducible"
+    )
+    parser.add_argument(
+        "--models-dir", type=Path, default=None, help="folder with the ONNX models and cards"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_batch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -91,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve_parser(subparsers)
+    _add_batch_parser(subparsers)
     return parser
 
 

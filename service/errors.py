@@ -108,3 +108,21 @@ class OverloadedError(LensServeError):
     """The service is at capacity and refuses new work for now; retry later."""
 
     code: ClassVar[str] = "overloaded"
+
+
+class UnreadableFileError(LensServeError):
+    """An input file of a batch run cannot be read: missing, a folder, or no permission."""
+
+    code: ClassVar[str] = "unreadable_file"
+
+
+class ModelNotFoundError(LensServeError):
+    """A request names a model the service does not serve."""
+
+    code: ClassVar[str] = "model_not_found"
+
+
+class InvalidBatchInputError(LensServeError):
+    """The inputs of a batch run name nothing to score, or a list of paths cannot be read."""
+
+    code: ClassVar[str] = "invalid_batch_input"

@@ -289,12 +289,65 @@ class InferenceEngine:
                 start = stop
         for i, item in enumerate(items):
             if item.seed is not None:
-                images = np.stack([c.image for c in item.cutouts])
-                raw = self._runtime.predict(
-                    images, num_samples=item.num_samples, seed=item.model_seed
-                )
-                answers[i] = _summarise(item, raw)
+                answers[i] = _predict_item(self._runtime, item)
         return [answer for answer in answers if answer is not None]
+
+
+def _predict_item(runtime: ModelRuntime, item: _BatchItem) -> list[CutoutOutcome]:
+    """One model call for one item alone, with the item's own dropout seed."""
+    images = np.stack([c.image for c in item.cutouts])
+    raw = runtime.predict(images, num_samples=item.num_samples, seed=item.model_seed)
+    return _summarise(item, raw)
+
+
+def predict_chunk(
+    runtime: ModelRuntime,
+    cutouts: Sequence[PreparedCutout],
+    *,
+    num_samples: int,
+    seed: int | None = None,
+    chunk_index: int = 0,
+    include_samples: bool = False,
+) -> list[CutoutOutcome]:
+    """Predict for prepared cutouts in one blocking model call, without the batcher.
+
+    This is what :class:`InferenceEngine` runs for chunk ``chunk_index`` of a
+    request, so offline callers (``lensserve batch``) get the API's numbers:
+    with the same seed, chunk index and cutouts, the same dropout masks and
+    predictive draws.
+
+    Parameters
+    ----------
+    runtime : ModelRuntime
+        A loaded runtime.
+    cutouts : sequence of PreparedCutout
+        The cutouts of the chunk, at most what one model call should take.
+    num_samples : int
+        MC-dropout passes per cutout (samples).
+    seed : int or None
+        Seed of the request; the chunk's dropout seed is derived from it and
+        ``chunk_index`` as the engine derives it.
+    chunk_index : int
+        Position of the chunk in its request or catalogue (count from 0).
+    include_samples : bool
+        Also return ``num_samples`` draws from each predictive distribution.
+
+    Returns
+    -------
+    list
+        One :class:`CutoutPrediction`, or the :class:`~service.errors.InferenceError`
+        of a non-finite output, per cutout, in order.
+    """
+    if not cutouts:
+        return []
+    item = _BatchItem(
+        cutouts=tuple(cutouts),
+        num_samples=num_samples,
+        seed=seed,
+        include_samples=include_samples,
+        chunk_index=chunk_index,
+    )
+    return _predict_item(runtime, item)
 
 
 #: Cutouts x MC passes summarised per call: the mixture-quantile bisection works on

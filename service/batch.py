@@ -1,0 +1,485 @@
+"""Catalogue-scale scoring on Dask: ``lensserve batch`` without HTTP.
+
+The inputs are cut into partitions of ``partition_size`` files. Each Dask task
+scores one partition on a worker with the service's own steps:
+:func:`~service.inference.prepare_cutout` (FITS decoding and preprocessing),
+:func:`~service.inference.predict_chunk` (the engine's model call and MC
+summary) and :func:`~service.schemas.encode_result` (the API's result), then
+flattens each result into a row (:mod:`service.batch_table`). Each worker
+process loads the models once and reuses its onnxruntime sessions for every
+partition it gets.
+
+Resuming
+    The client writes each finished partition to ``<out>.parts/part-NNNNNN.parquet``
+    next to a manifest of the run (inputs, partition size, samples, seed). Run
+    the same command again after an interruption and only the missing
+    partitions are scored; the folder is removed once the table is complete.
+    Partitions are fixed by the manifest, so a seeded run draws the same
+    dropout masks whether or not it was interrupted.
+
+Nothing is lost
+    A file that cannot be read or decoded, or whose outputs are not finite,
+    gets a row with its error. A partition whose task fails as a whole (a
+    worker killed, say) gets one error row per file in the table, is not
+    written to the parts folder, and is scored again by the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.errors import (
+    InferenceError,
+    InvalidBatchInputError,
+    InvalidFitsError,
+    LensServeError,
+    UnreadableFileError,
+)
+from service.fits_codec import FitsLimits
+from service.inference import CutoutOutcome, PreparedCutout, predict_chunk, prepare_cutout
+from service.runtime import Device, OnnxModelRuntime
+from service.schemas import encode_result
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from distributed import Client
+
+logger = logging.getLogger("lensserve.batch")
+
+MANIFEST_NAME = "manifest.json"
+#: Partitions kept in flight per worker thread: enough to hide scheduling gaps, few enough
+#: that a catalogue of 10^8 files never becomes 10^5 pending tasks on the scheduler.
+IN_FLIGHT_PER_THREAD = 2
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker needs to score a partition (pickled to the workers)."""
+
+    models_dir: str
+    """Folder with the ONNX models and cards, as seen from the workers (a path)."""
+    device: Device
+    """onnxruntime device: auto, cpu or cuda (no unit)."""
+    intra_op_threads: int
+    """onnxruntime threads per operator on each worker (count)."""
+    limits: FitsLimits
+    """Caps on decompressed size (bytes), pixels, header cards and masked fraction."""
+    num_samples: int
+    """MC-dropout passes per cutout (samples)."""
+    seed: int | None
+    """Seed of the run; partition i draws its dropout masks from (seed, i)."""
+
+
+@dataclass(frozen=True)
+class PartitionResult:
+    """What one task returns: the rows of its files, in order."""
+
+    index: int
+    rows: list[dict[str, Any]]
+    model_versions: dict[str, str]
+    worker: str
+    """Address of the worker that scored it ("" outside a Dask worker)."""
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """What fixes the partitions of a run, so a resumed run continues the same one."""
+
+    inputs_sha256: str
+    n_inputs: int
+    partition_size: int
+    num_samples: int
+    seed: int | None
+
+    @classmethod
+    def for_run(
+        cls, paths: Sequence[str], *, partition_size: int, config: WorkerConfig
+    ) -> RunManifest:
+        digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
+        return cls(digest, len(paths), partition_size, config.num_samples, config.seed)
+
+
+@dataclass(frozen=True)
+class BatchSummary:
+    """How a run went (counts of rows and partitions)."""
+
+    rows: int
+    error_rows: int
+    partitions_scored: int
+    partitions_resumed: int
+    partitions_failed: int
+
+
+# --------------------------------------------------------------------------- on the workers
+
+_RUNTIMES: dict[tuple[str, str, int], OnnxModelRuntime] = {}
+_RUNTIMES_LOCK = threading.Lock()
+
+
+def worker_runtime(config: WorkerConfig) -> OnnxModelRuntime:
+    """This process's runtime for ``config``, loaded on first use and reused after.
+
+    A Dask worker runs many partitions in one process: loading the models and
+    creating the onnxruntime sessions once per process, not per task, is what
+    keeps small partitions cheap.
+    """
+    key = (config.models_dir, config.device, config.intra_op_threads)
+    with _RUNTIMES_LOCK:
+        runtime = _RUNTIMES.get(key)
+        if runtime is None:
+            runtime = OnnxModelRuntime(
+                Path(config.models_dir),
+                device=config.device,
+                intra_op_threads=config.intra_op_threads,
+                warmup_batch_sizes=(),
+            )
+            runtime.load()
+            _RUNTIMES[key] = runtime
+        return runtime
+
+
+def loaded_runtimes() -> int:
+    """Runtimes this process has loaded (count); one per configuration at most."""
+    with _RUNTIMES_LOCK:
+        return len(_RUNTIMES)
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return ""
+
+
+def _prepare_file(
+    path: str, *, runtime: OnnxModelRuntime, limits: FitsLimits
+) -> PreparedCutout | LensServeError:
+    """Read, decode and preprocess one file; errors are returned, as the API's decoder does."""
+    name = os.path.basename(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        error = UnreadableFileError(f"cannot read {path!r}: {exc.strerror or exc}")
+        error.__cause__ = exc
+        return error
+    try:
+        return prepare_cutout(data, filename=name, models=runtime.models, limits=limits)
+    except LensServeError as exc:
+        return exc
+    except Exception as exc:  # a file the codec did not foresee must not take the partition down
+        logger.exception("unexpected failure decoding %r", path)
+        error = InvalidFitsError(f"{name!r} could not be decoded ({type(exc).__name__}: {exc})")
+        error.__cause__ = exc
+        return error
+
+
+def _rows(paths: Sequence[str], outcomes: Sequence[CutoutOutcome]) -> list[dict[str, Any]]:
+    from service.batch_table import flatten_result
+
+    return [
+        flatten_result(encode_result(outcome, filename=os.path.basename(path)), path=path)
+        for path, outcome in zip(paths, outcomes, strict=True)
+    ]
+
+
+def score_partition(paths: Sequence[str], *, index: int, config: WorkerConfig) -> PartitionResult:
+    """Score one partition of files on this worker (the Dask task).
+
+    Parameters
+    ----------
+    paths : sequence of str
+        The partition's files, as the workers see them.
+    index : int
+        Position of the partition in the run (count from 0); with a seed, it
+        selects the partition's dropout seed as a chunk index does in the API.
+    config : WorkerConfig
+        Models, device, limits, samples and seed.
+
+    Returns
+    -------
+    PartitionResult
+        One row per path, in order: predictions or the error that stopped the file.
+    """
+    try:
+        runtime = worker_runtime(config)
+    except LensServeError as exc:
+        return PartitionResult(index, _rows(paths, [exc] * len(paths)), {}, _worker_address())
+    outcomes: list[CutoutOutcome | PreparedCutout] = [
+        _prepare_file(path, runtime=runtime, limits=config.limits) for path in paths
+    ]
+    prepared = [o for o in outcomes if isinstance(o, PreparedCutout)]
+    predictions: list[CutoutOutcome]
+    try:
+        predictions = predict_chunk(
+            runtime, prepared, num_samples=config.num_samples, seed=config.seed, chunk_index=index
+        )
+    except LensServeError as exc:
+        # A failed model call fails every file that was in it.
+        predictions = [exc] * len(prepared)
+    answers = iter(predictions)
+    final = [next(answers) if isinstance(o, PreparedCutout) else o for o in outcomes]
+    return PartitionResult(index, _rows(paths, final), runtime.models.versions, _worker_address())
+
+
+# --------------------------------------------------------------------------- on the client
+
+
+def parts_dir_for(out: Path) -> Path:
+    """Folder that holds the finished partitions of a run writing ``out``."""
+    return out.with_name(out.name + ".parts")
+
+
+def _part_path(parts_dir: Path, index: int) -> Path:
+    return parts_dir / f"part-{index:06d}.parquet"
+
+
+def _open_parts_dir(out: Path, manifest: RunManifest, *, overwrite: bool) -> tuple[Path, set[int]]:
+    """The parts folder of this run and the partitions already finished in it."""
+    parts_dir = parts_dir_for(out)
+    manifest_path = parts_dir / MANIFEST_NAME
+    if manifest_path.exists():
+        found = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if found != asdict(manifest):
+            raise InvalidBatchInputError(
+                f"{parts_dir} holds an unfinished run with other inputs or settings "
+                f"({found}); rerun that command to finish it, or delete the folder"
+            )
+        done = {i for i in range(_partition_count(manifest)) if _part_path(parts_dir, i).exists()}
+        return parts_dir, done
+    if out.exists() and not overwrite:
+        raise InvalidBatchInputError(f"{out} exists; pass --overwrite to replace it")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path.write_text(json.dumps(asdict(manifest), indent=2), encoding="utf-8")
+    return parts_dir, set()
+
+
+def _partition_count(manifest: RunManifest) -> int:
+    return math.ceil(manifest.n_inputs / manifest.partition_size)
+
+
+@contextmanager
+def dask_client(scheduler: str | None, *, n_workers: int) -> Iterator[Client]:
+    """A client of ``scheduler``, or of a local cluster of ``n_workers`` processes.
+
+    Local workers get one thread each: the partitions, not onnxruntime's
+    operators, are what runs in parallel.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        with Client(scheduler) as client:
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def _failed_rows(paths: Sequence[str], exc: BaseException) -> list[dict[str, Any]]:
+    error = InferenceError(
+        f"the task scoring this file's partition failed: {type(exc).__name__}: {exc}"
+    )
+    return _rows(paths, [error] * len(paths))
+
+
+def _score_all(
+    client: Client,
+    partitions: dict[int, list[str]],
+    *,
+    config: WorkerConfig,
+    parts_dir: Path,
+    on_rows: Callable[[int], object],
+) -> tuple[dict[int, pa.Table], set[str]]:
+    """Score the partitions with a bounded number in flight; write each as it finishes.
+
+    Returns the tables of partitions that failed as a whole (kept in memory,
+    never written, so that a rerun scores them again) and the model versions seen.
+    """
+    from distributed import as_completed
+
+    from service.batch_table import rows_to_arrow, write_part
+
+    token = uuid.uuid4().hex[:8]
+    pending = iter(sorted(partitions))
+    futures = as_completed()
+    index_of: dict[str, int] = {}
+    failed: dict[int, pa.Table] = {}
+    versions: set[str] = set()
+
+    def submit_next() -> None:
+        index = next(pending, None)
+        if index is None:
+            return
+        future = client.submit(
+            score_partition,
+            partitions[index],
+            index=index,
+            config=config,
+            key=f"lensserve-batch-{token}-{index}",
+            retries=1,
+            pure=False,
+        )
+        index_of[future.key] = index
+        futures.add(future)
+
+    threads = max(sum(client.nthreads().values()), 1)
+    for _ in range(threads * IN_FLIGHT_PER_THREAD):
+        submit_next()
+    for future in futures:
+        index = index_of.pop(future.key)
+        try:
+            result: PartitionResult = future.result()
+        except Exception as exc:  # whatever killed the task, its files keep their rows
+            logger.error("partition %d failed: %s", index, exc)
+            failed[index] = rows_to_arrow(_failed_rows(partitions[index], exc))
+        else:
+            versions.add(json.dumps(result.model_versions, sort_keys=True))
+            write_part(
+                rows_to_arrow(result.rows, model_versions=result.model_versions),
+                _part_path(parts_dir, index),
+            )
+        future.release()
+        on_rows(len(partitions[index]))
+        submit_next()
+    return failed, versions
+
+
+def _model_versions(parts_dir: Path, done: Sequence[int], seen: set[str]) -> dict[str, str]:
+    """The one set of model versions every scored partition used."""
+    from service.batch_table import read_model_versions
+
+    found = set(seen)
+    found.update(
+        json.dumps(read_model_versions(_part_path(parts_dir, i)), sort_keys=True) for i in done
+    )
+    found.discard("{}")  # partitions whose models never loaded
+    if len(found) > 1:
+        raise InvalidBatchInputError(
+            f"the partitions in {parts_dir} were scored by different model versions "
+            f"({sorted(found)}); delete the folder and score the catalogue again"
+        )
+    return json.loads(found.pop()) if found else {}
+
+
+def run_batch(
+    inputs: Sequence[str],
+    *,
+    out: Path,
+    config: WorkerConfig,
+    partition_size: int,
+    scheduler: str | None = None,
+    n_workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> BatchSummary:
+    """Score every input file on Dask and write one table row per file.
+
+    Parameters
+    ----------
+    inputs : sequence of str
+        FITS files, globs, folders or lists of paths (see :mod:`service.batch_inputs`).
+    out : Path
+        Table to write: ``.parquet``, ``.csv`` or ``.fits``.
+    config : WorkerConfig
+        What the workers need: models, device, threads, limits, samples, seed.
+    partition_size : int
+        Files per Dask task and per model call (files).
+    scheduler : str or None
+        Address of a Dask scheduler (``tcp://host:8786``); None starts a
+        local cluster of ``n_workers`` processes.
+    n_workers : int
+        Worker processes of the local cluster (count).
+    overwrite : bool
+        Replace an existing ``out`` (an unfinished run is always resumed).
+    progress : bool
+        Show a progress bar on stderr, in files.
+
+    Raises
+    ------
+    InvalidBatchInputError
+        Nothing to score, ``out`` exists, or the parts folder belongs to
+        another run.
+    """
+    from tqdm import tqdm
+
+    from service.batch_inputs import resolve_inputs
+    from service.batch_table import table_format, write_table
+
+    table_format(out)  # refuse an unknown ending before any work
+    paths = resolve_inputs(inputs)
+    manifest = RunManifest.for_run(paths, partition_size=partition_size, config=config)
+    parts_dir, done = _open_parts_dir(out, manifest, overwrite=overwrite)
+    count = _partition_count(manifest)
+    todo = {
+        i: paths[i * partition_size : (i + 1) * partition_size]
+        for i in range(count)
+        if i not in done
+    }
+    resumed_files = len(paths) - sum(len(p) for p in todo.values())
+    with tqdm(
+        total=len(paths),
+        initial=resumed_files,
+        unit="file",
+        desc="lensserve batch",
+        disable=not progress,
+    ) as bar:
+        if todo:
+            with dask_client(scheduler, n_workers=n_workers) as client:
+                failed, seen = _score_all(
+                    client, todo, config=config, parts_dir=parts_dir, on_rows=bar.update
+                )
+        else:
+            failed, seen = {}, set()
+    finished = sorted(set(range(count)) - set(failed))
+    versions = _model_versions(parts_dir, finished, seen)
+    errors = _ErrorCounter()
+    tables = errors.count(_tables_in_order(parts_dir, count, failed))
+    rows = write_table(tables, out, model_versions=versions)
+    if not failed:
+        shutil.rmtree(parts_dir)
+    return BatchSummary(
+        rows=rows,
+        error_rows=errors.rows,
+        partitions_scored=len(todo) - len(failed),
+        partitions_resumed=len(done),
+        partitions_failed=len(failed),
+    )
+
+
+def _tables_in_order(
+    parts_dir: Path, count: int, failed: dict[int, pa.Table]
+) -> Iterator[pa.Table]:
+    import pyarrow.parquet as pq
+
+    for index in range(count):
+        yield failed[index] if index in failed else pq.read_table(_part_path(parts_dir, index))
+
+
+class _ErrorCounter:
+    """Counts the error rows of the tables that stream through it."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def count(self, tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        for table in tables:
+            self.rows += table.num_rows - table.column("error_code").null_count
+            yield table
