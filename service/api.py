@@ -15,6 +15,7 @@ Endpoints
     ``GET /health/live``   the process answers.
     ``GET /health/ready``  200 once the models are loaded and warmed up.
     ``GET /metrics``       Prometheus metrics.
+    ``/v2/...``            Open Inference Protocol v2 (:mod:`service.oip_v2`).
 
 Each process keeps its own metrics registry: with ``--workers N`` every worker
 reports only what it served.
@@ -66,6 +67,7 @@ from service.errors import (
 )
 from service.fits_codec import FitsLimits
 from service.inference import CutoutOutcome, InferenceEngine, PreparedCutout, prepare_cutout
+from service.oip_v2 import create_oip_v2_router
 from service.runtime import MAX_SEED, OnnxModelRuntime, available_providers
 from service.schemas import (
     ErrorResponse,
@@ -617,6 +619,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.lensserve = state
     _install_error_handlers(app, state)
     app.add_middleware(_MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    app.include_router(
+        create_oip_v2_router(
+            runtime=runtime,
+            settings=settings,
+            is_ready=lambda: state.ready,
+            server_version=app.version,
+        )
+    )
 
     @app.post(
         "/v1/predict",

@@ -424,6 +424,52 @@ class OnnxModelRuntime:
                 raise InferenceError(f"output {output!r} has shape {got}; expected {want}")
         return result
 
+    def run_model(
+        self, name: str, feeds: Mapping[str, NDArray[Any]], *, seed: int | None = None
+    ) -> dict[str, NDArray[Any]]:
+        """Run one model on ready-made input tensors (the Open Inference Protocol's view).
+
+        Parameters
+        ----------
+        name : str
+            A model name from the cards, e.g. ``lens_classifier``.
+        feeds : mapping of str to ndarray
+            Every input the model's card names, already checked against it:
+            ``image`` of shape (n, 64, 64, 3) float32 in preprocessed units,
+            and for the MC model ``num_samples`` (int32 scalar, samples).
+        seed : int or None
+            Seed of the MC model's dropout masks (0 to 2**63 - 1); ignored by
+            the other models. See the module docstring.
+
+        Returns
+        -------
+        dict of str to ndarray
+            Every output of the model, keyed by its name.
+
+        Raises
+        ------
+        ModelUnavailableError
+            The models are not loaded, or ``name`` is not one of them.
+        InferenceError
+            onnxruntime failed on the inputs.
+        """
+        if not self._sessions:
+            raise ModelUnavailableError("the models are not loaded")
+        if name not in self._sessions:
+            raise ModelUnavailableError(
+                f"no model named {name!r}; loaded: {sorted(self._sessions)}"
+            )
+        if seed is not None and not 0 <= seed <= MAX_SEED:
+            raise InferenceError(f"got seed={seed}; seeds run from 0 to {MAX_SEED}")
+        session = self._sessions[name]
+        if name == MC_NAME and seed is not None:
+            session = self._create_mc_session(seed=seed)
+        values = self._run(session, name, feeds)
+        return {
+            output.name: np.asarray(value)
+            for output, value in zip(session.get_outputs(), values, strict=True)
+        }
+
     def close(self) -> None:
         """Drop the sessions; :meth:`predict` raises until :meth:`load` runs again."""
         self._sessions = {}
