@@ -126,6 +126,7 @@ class BatchSummary:
 
 _RUNTIMES: dict[tuple[str, str, int], OnnxModelRuntime] = {}
 _RUNTIMES_LOCK = threading.Lock()
+_loads = 0
 
 
 def worker_runtime(config: WorkerConfig) -> OnnxModelRuntime:
@@ -135,6 +136,7 @@ def worker_runtime(config: WorkerConfig) -> OnnxModelRuntime:
     creating the onnxruntime sessions once per process, not per task, is what
     keeps small partitions cheap.
     """
+    global _loads
     key = (config.models_dir, config.device, config.intra_op_threads)
     with _RUNTIMES_LOCK:
         runtime = _RUNTIMES.get(key)
@@ -145,15 +147,16 @@ def worker_runtime(config: WorkerConfig) -> OnnxModelRuntime:
                 intra_op_threads=config.intra_op_threads,
                 warmup_batch_sizes=(),
             )
+            _loads += 1
             runtime.load()
             _RUNTIMES[key] = runtime
         return runtime
 
 
-def loaded_runtimes() -> int:
-    """Runtimes this process has loaded (count); one per configuration at most."""
+def runtime_loads() -> int:
+    """Times this process has loaded the models for batch work (count)."""
     with _RUNTIMES_LOCK:
-        return len(_RUNTIMES)
+        return _loads
 
 
 def _worker_address() -> str:

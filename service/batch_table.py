@@ -231,6 +231,8 @@ def read_table(path: Path) -> list[dict[str, Any]]:
 
 
 def _fits_value(value: Any, kind: str) -> Any:
+    if np.ma.is_masked(value):  # astropy masks the empty strings and NaNs it reads
+        return None
     if kind == "float":
         number = float(value)
         return None if np.isnan(number) else number
