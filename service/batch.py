@@ -176,9 +176,9 @@ def _prepare_file(
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        error = UnreadableFileError(f"cannot read {path!r}: {exc.strerror or exc}")
-        error.__cause__ = exc
-        return error
+        unreadable = UnreadableFileError(f"cannot read {path!r}: {exc.strerror or exc}")
+        unreadable.__cause__ = exc
+        return unreadable
     try:
         return prepare_cutout(data, filename=name, models=runtime.models, limits=limits)
     except LensServeError as exc:
@@ -323,7 +323,7 @@ def _score_all(
     token = uuid.uuid4().hex[:8]
     pending = iter(sorted(partitions))
     futures = as_completed()
-    index_of: dict[str, int] = {}
+    index_of: dict[object, int] = {}  # partition of each future, by task key
     failed: dict[int, pa.Table] = {}
     versions: set[str] = set()
 
