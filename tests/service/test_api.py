@@ -29,14 +29,14 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from fastapi.testclient import TestClient
+
+from service.api import create_app, status_for
 from service.errors import (
     InferenceError,
     InvalidFitsError,
     OverloadedError,
     PayloadTooLargeError,
 )
-
-from service.api import create_app, status_for
 from service.runtime import OnnxModelRuntime
 from service.settings import Settings
 

@@ -9,9 +9,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from service.errors import InferenceError, ModelUnavailableError, OverloadedError
 
 from service.batching import BatchStats, DynamicBatcher
+from service.errors import InferenceError, ModelUnavailableError, OverloadedError
 
 
 def run(coroutine_function: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
