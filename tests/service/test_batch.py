@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -328,3 +330,18 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, cluster, monkeypa
     # A finished table is not replaced silently.
     assert _run_cli(*paths, "--out", str(out), *common) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_serving_imports_none_of_the_batch_dependencies():
+    # A fresh interpreter: this one already holds Dask and pyarrow from the tests above.
+    script = (
+        "import sys, service.api, service.cli\n"
+        "service.api.create_app()\n"
+        "roots = {m.split('.')[0] for m in sys.modules}\n"
+        "print(sorted(roots & {'dask', 'distributed', 'pyarrow'}))\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == "[]"
