@@ -20,8 +20,9 @@ Resuming
 Nothing is lost
     A file that cannot be read or decoded, or whose outputs are not finite,
     gets a row with its error. A partition whose task fails as a whole (a
-    worker killed, say) gets one error row per file in the table, is not
-    written to the parts folder, and is scored again by the next run.
+    worker killed, or unable to load the models) gets one error row per file
+    in the table, is not written to the parts folder, and is scored again by
+    the next run.
 """
 
 from __future__ import annotations
@@ -89,8 +90,6 @@ class PartitionResult:
     index: int
     rows: list[dict[str, Any]]
     model_versions: dict[str, str]
-    worker: str
-    """Address of the worker that scored it ("" outside a Dask worker)."""
 
 
 @dataclass(frozen=True)
@@ -147,25 +146,16 @@ def worker_runtime(config: WorkerConfig) -> OnnxModelRuntime:
                 intra_op_threads=config.intra_op_threads,
                 warmup_batch_sizes=(),
             )
-            _loads += 1
             runtime.load()
             _RUNTIMES[key] = runtime
+            _loads += 1
         return runtime
 
 
 def runtime_loads() -> int:
-    """Times this process has loaded the models for batch work (count)."""
+    """Times this process has loaded the models for batch work, successfully (count)."""
     with _RUNTIMES_LOCK:
         return _loads
-
-
-def _worker_address() -> str:
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().address)
-    except (ImportError, ValueError):
-        return ""
 
 
 def _prepare_file(
@@ -216,11 +206,14 @@ def score_partition(paths: Sequence[str], *, index: int, config: WorkerConfig) -
     -------
     PartitionResult
         One row per path, in order: predictions or the error that stopped the file.
+
+    Raises
+    ------
+    ModelUnavailableError
+        This worker cannot load the models: the whole task fails, so that the
+        partition is retried rather than recorded as scored.
     """
-    try:
-        runtime = worker_runtime(config)
-    except LensServeError as exc:
-        return PartitionResult(index, _rows(paths, [exc] * len(paths)), {}, _worker_address())
+    runtime = worker_runtime(config)
     outcomes: list[CutoutOutcome | PreparedCutout] = [
         _prepare_file(path, runtime=runtime, limits=config.limits) for path in paths
     ]
@@ -235,7 +228,7 @@ def score_partition(paths: Sequence[str], *, index: int, config: WorkerConfig) -
         predictions = [exc] * len(prepared)
     answers = iter(predictions)
     final = [next(answers) if isinstance(o, PreparedCutout) else o for o in outcomes]
-    return PartitionResult(index, _rows(paths, final), runtime.models.versions, _worker_address())
+    return PartitionResult(index, _rows(paths, final), runtime.models.versions)
 
 
 # --------------------------------------------------------------------------- on the client
@@ -297,8 +290,13 @@ def dask_client(scheduler: str | None, *, n_workers: int) -> Iterator[Client]:
 
 
 def _failed_rows(paths: Sequence[str], exc: BaseException) -> list[dict[str, Any]]:
-    error = InferenceError(
-        f"the task scoring this file's partition failed: {type(exc).__name__}: {exc}"
+    """Rows for the files of a failed task: its own service error, or inference_failed."""
+    error = (
+        exc
+        if isinstance(exc, LensServeError)
+        else InferenceError(
+            f"the task scoring this file's partition failed: {type(exc).__name__}: {exc}"
+        )
     )
     return _rows(paths, [error] * len(paths))
 
@@ -373,7 +371,6 @@ def _model_versions(parts_dir: Path, done: Sequence[int], seen: set[str]) -> dic
     found.update(
         json.dumps(read_model_versions(_part_path(parts_dir, i)), sort_keys=True) for i in done
     )
-    found.discard("{}")  # partitions whose models never loaded
     if len(found) > 1:
         raise InvalidBatchInputError(
             f"the partitions in {parts_dir} were scored by different model versions "

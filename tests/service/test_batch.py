@@ -345,3 +345,32 @@ def test_serving_imports_none_of_the_batch_dependencies():
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip().splitlines()[-1] == "[]"
+
+
+@needs_samples
+@pytest.mark.slow
+def test_a_partition_whose_workers_cannot_load_the_models_keeps_its_rows(tmp_path, cluster, capsys):
+    out = tmp_path / "t.parquet"
+    paths = [str(p) for p in CLEAN_SAMPLES[:3]]
+    status = main(
+        [
+            "batch",
+            *paths,
+            "--out",
+            str(out),
+            "--scheduler",
+            cluster.scheduler_address,
+            "--models-dir",
+            str(tmp_path / "nowhere"),
+            "--partition-size",
+            "2",
+            "--no-progress",
+        ]
+    )
+    assert status == 1
+    assert "rerun the same command" in capsys.readouterr().err
+    rows = read_table(out)
+    assert [row["filename"] for row in rows] == [p.name for p in CLEAN_SAMPLES[:3]]
+    assert {row["error_code"] for row in rows} == {"model_unavailable"}
+    # Nothing was recorded as scored: the next run tries both partitions again.
+    assert not list(batch.parts_dir_for(out).glob("part-*"))
