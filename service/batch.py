@@ -1,13 +1,10 @@
 """Catalogue-scale scoring on Dask: ``lensserve batch`` without HTTP.
 
-The inputs are cut into partitions of ``partition_size`` files. Each Dask task
-scores one partition on a worker with the service's own steps:
-:func:`~service.inference.prepare_cutout` (FITS decoding and preprocessing),
-:func:`~service.inference.predict_chunk` (the engine's model call and MC
-summary) and :func:`~service.schemas.encode_result` (the API's result), then
-flattens each result into a row (:mod:`service.batch_table`). Each worker
-process loads the models once and reuses its onnxruntime sessions for every
-partition it gets.
+The inputs are cut into partitions of ``partition_size`` files; each is one
+Dask task, :func:`service.batch_worker.score_partition`, which runs the API's
+decoding, models and result building on a worker that keeps its sessions.
+This module is the client side: it keeps a bounded number of tasks in flight,
+writes each finished partition, and merges them into the output table.
 
 Resuming
     The client writes each finished partition to ``<out>.parts/part-NNNNNN.parquet``
@@ -31,31 +28,23 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
-import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from service.errors import (
-    InferenceError,
-    InvalidBatchInputError,
-    InvalidFitsError,
-    LensServeError,
-    UnreadableFileError,
-)
-from service.fits_codec import FitsLimits
-from service.inference import CutoutOutcome, PreparedCutout, predict_chunk, prepare_cutout
-from service.runtime import Device, OnnxModelRuntime
-from service.schemas import encode_result
+import pyarrow as pa
+import pyarrow.parquet as pq
+from distributed import Client, LocalCluster, as_completed
+from tqdm import tqdm
 
-if TYPE_CHECKING:
-    import pyarrow as pa
-    from distributed import Client
+from service import batch_table
+from service.batch_inputs import resolve_inputs
+from service.batch_worker import PartitionResult, WorkerConfig, result_rows, score_partition
+from service.errors import InferenceError, InvalidBatchInputError, LensServeError
 
 logger = logging.getLogger("lensserve.batch")
 
@@ -63,33 +52,6 @@ MANIFEST_NAME = "manifest.json"
 #: Partitions kept in flight per worker thread: enough to hide scheduling gaps, few enough
 #: that a catalogue of 10^8 files never becomes 10^5 pending tasks on the scheduler.
 IN_FLIGHT_PER_THREAD = 2
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """What every worker needs to score a partition (pickled to the workers)."""
-
-    models_dir: str
-    """Folder with the ONNX models and cards, as seen from the workers (a path)."""
-    device: Device
-    """onnxruntime device: auto, cpu or cuda (no unit)."""
-    intra_op_threads: int
-    """onnxruntime threads per operator on each worker (count)."""
-    limits: FitsLimits
-    """Caps on decompressed size (bytes), pixels, header cards and masked fraction."""
-    num_samples: int
-    """MC-dropout passes per cutout (samples)."""
-    seed: int | None
-    """Seed of the run; partition i draws its dropout masks from (seed, i)."""
-
-
-@dataclass(frozen=True)
-class PartitionResult:
-    """What one task returns: the rows of its files, in order."""
-
-    index: int
-    rows: list[dict[str, Any]]
-    model_versions: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -119,119 +81,6 @@ class BatchSummary:
     partitions_scored: int
     partitions_resumed: int
     partitions_failed: int
-
-
-# --------------------------------------------------------------------------- on the workers
-
-_RUNTIMES: dict[tuple[str, str, int], OnnxModelRuntime] = {}
-_RUNTIMES_LOCK = threading.Lock()
-_loads = 0
-
-
-def worker_runtime(config: WorkerConfig) -> OnnxModelRuntime:
-    """This process's runtime for ``config``, loaded on first use and reused after.
-
-    A Dask worker runs many partitions in one process: loading the models and
-    creating the onnxruntime sessions once per process, not per task, is what
-    keeps small partitions cheap.
-    """
-    global _loads
-    key = (config.models_dir, config.device, config.intra_op_threads)
-    with _RUNTIMES_LOCK:
-        runtime = _RUNTIMES.get(key)
-        if runtime is None:
-            runtime = OnnxModelRuntime(
-                Path(config.models_dir),
-                device=config.device,
-                intra_op_threads=config.intra_op_threads,
-                warmup_batch_sizes=(),
-            )
-            runtime.load()
-            _RUNTIMES[key] = runtime
-            _loads += 1
-        return runtime
-
-
-def runtime_loads() -> int:
-    """Times this process has loaded the models for batch work, successfully (count)."""
-    with _RUNTIMES_LOCK:
-        return _loads
-
-
-def _prepare_file(
-    path: str, *, runtime: OnnxModelRuntime, limits: FitsLimits
-) -> PreparedCutout | LensServeError:
-    """Read, decode and preprocess one file; errors are returned, as the API's decoder does."""
-    name = os.path.basename(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        unreadable = UnreadableFileError(f"cannot read {path!r}: {exc.strerror or exc}")
-        unreadable.__cause__ = exc
-        return unreadable
-    try:
-        return prepare_cutout(data, filename=name, models=runtime.models, limits=limits)
-    except LensServeError as exc:
-        return exc
-    except Exception as exc:  # a file the codec did not foresee must not take the partition down
-        logger.exception("unexpected failure decoding %r", path)
-        error = InvalidFitsError(f"{name!r} could not be decoded ({type(exc).__name__}: {exc})")
-        error.__cause__ = exc
-        return error
-
-
-def _rows(paths: Sequence[str], outcomes: Sequence[CutoutOutcome]) -> list[dict[str, Any]]:
-    from service.batch_table import flatten_result
-
-    return [
-        flatten_result(encode_result(outcome, filename=os.path.basename(path)), path=path)
-        for path, outcome in zip(paths, outcomes, strict=True)
-    ]
-
-
-def score_partition(paths: Sequence[str], *, index: int, config: WorkerConfig) -> PartitionResult:
-    """Score one partition of files on this worker (the Dask task).
-
-    Parameters
-    ----------
-    paths : sequence of str
-        The partition's files, as the workers see them.
-    index : int
-        Position of the partition in the run (count from 0); with a seed, it
-        selects the partition's dropout seed as a chunk index does in the API.
-    config : WorkerConfig
-        Models, device, limits, samples and seed.
-
-    Returns
-    -------
-    PartitionResult
-        One row per path, in order: predictions or the error that stopped the file.
-
-    Raises
-    ------
-    ModelUnavailableError
-        This worker cannot load the models: the whole task fails, so that the
-        partition is retried rather than recorded as scored.
-    """
-    runtime = worker_runtime(config)
-    outcomes: list[CutoutOutcome | PreparedCutout] = [
-        _prepare_file(path, runtime=runtime, limits=config.limits) for path in paths
-    ]
-    prepared = [o for o in outcomes if isinstance(o, PreparedCutout)]
-    predictions: list[CutoutOutcome]
-    try:
-        predictions = predict_chunk(
-            runtime, prepared, num_samples=config.num_samples, seed=config.seed, chunk_index=index
-        )
-    except LensServeError as exc:
-        # A failed model call fails every file that was in it.
-        predictions = [exc] * len(prepared)
-    answers = iter(predictions)
-    final = [next(answers) if isinstance(o, PreparedCutout) else o for o in outcomes]
-    return PartitionResult(index, _rows(paths, final), runtime.models.versions)
-
-
-# --------------------------------------------------------------------------- on the client
 
 
 def parts_dir_for(out: Path) -> Path:
@@ -274,8 +123,6 @@ def dask_client(scheduler: str | None, *, n_workers: int) -> Iterator[Client]:
     Local workers get one thread each: the partitions, not onnxruntime's
     operators, are what runs in parallel.
     """
-    from distributed import Client, LocalCluster
-
     if scheduler:
         with Client(scheduler) as client:
             yield client
@@ -298,7 +145,7 @@ def _failed_rows(paths: Sequence[str], exc: BaseException) -> list[dict[str, Any
             f"the task scoring this file's partition failed: {type(exc).__name__}: {exc}"
         )
     )
-    return _rows(paths, [error] * len(paths))
+    return result_rows(paths, [error] * len(paths))
 
 
 def _score_all(
@@ -314,10 +161,6 @@ def _score_all(
     Returns the tables of partitions that failed as a whole (kept in memory,
     never written, so that a rerun scores them again) and the model versions seen.
     """
-    from distributed import as_completed
-
-    from service.batch_table import rows_to_arrow, write_part
-
     token = uuid.uuid4().hex[:8]
     pending = iter(sorted(partitions))
     futures = as_completed()
@@ -350,11 +193,11 @@ def _score_all(
             result: PartitionResult = future.result()
         except Exception as exc:  # whatever killed the task, its files keep their rows
             logger.error("partition %d failed: %s", index, exc)
-            failed[index] = rows_to_arrow(_failed_rows(partitions[index], exc))
+            failed[index] = batch_table.rows_to_arrow(_failed_rows(partitions[index], exc))
         else:
             versions.add(json.dumps(result.model_versions, sort_keys=True))
-            write_part(
-                rows_to_arrow(result.rows, model_versions=result.model_versions),
+            batch_table.write_part(
+                batch_table.rows_to_arrow(result.rows, model_versions=result.model_versions),
                 _part_path(parts_dir, index),
             )
         future.release()
@@ -365,11 +208,10 @@ def _score_all(
 
 def _model_versions(parts_dir: Path, done: Sequence[int], seen: set[str]) -> dict[str, str]:
     """The one set of model versions every scored partition used."""
-    from service.batch_table import read_model_versions
-
     found = set(seen)
     found.update(
-        json.dumps(read_model_versions(_part_path(parts_dir, i)), sort_keys=True) for i in done
+        json.dumps(batch_table.read_model_versions(_part_path(parts_dir, i)), sort_keys=True)
+        for i in done
     )
     if len(found) > 1:
         raise InvalidBatchInputError(
@@ -418,12 +260,7 @@ def run_batch(
         Nothing to score, ``out`` exists, or the parts folder belongs to
         another run.
     """
-    from tqdm import tqdm
-
-    from service.batch_inputs import resolve_inputs
-    from service.batch_table import table_format, write_table
-
-    table_format(out)  # refuse an unknown ending before any work
+    batch_table.table_format(out)  # refuse an unknown ending before any work
     paths = resolve_inputs(inputs)
     manifest = RunManifest.for_run(paths, partition_size=partition_size, config=config)
     parts_dir, done = _open_parts_dir(out, manifest, overwrite=overwrite)
@@ -452,7 +289,7 @@ def run_batch(
     versions = _model_versions(parts_dir, finished, seen)
     errors = _ErrorCounter()
     tables = errors.count(_tables_in_order(parts_dir, count, failed))
-    rows = write_table(tables, out, model_versions=versions)
+    rows = batch_table.write_table(tables, out, model_versions=versions)
     if not failed:
         shutil.rmtree(parts_dir)
     return BatchSummary(
@@ -467,8 +304,6 @@ def run_batch(
 def _tables_in_order(
     parts_dir: Path, count: int, failed: dict[int, pa.Table]
 ) -> Iterator[pa.Table]:
-    import pyarrow.parquet as pq
-
     for index in range(count):
         yield failed[index] if index in failed else pq.read_table(_part_path(parts_dir, index))
 

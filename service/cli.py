@@ -86,7 +86,8 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 def _batch(args: argparse.Namespace) -> int:
     """Score a catalogue of FITS files on Dask and write one table row per file."""
     try:
-        from service.batch import WorkerConfig, run_batch
+        from service.batch import run_batch
+        from service.batch_worker import WorkerConfig
         from service.fits_codec import FitsLimits
     except ImportError as exc:
         print(

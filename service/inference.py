@@ -307,14 +307,12 @@ def predict_chunk(
     num_samples: int,
     seed: int | None = None,
     chunk_index: int = 0,
-    include_samples: bool = False,
 ) -> list[CutoutOutcome]:
     """Predict for prepared cutouts in one blocking model call, without the batcher.
 
     This is what :class:`InferenceEngine` runs for chunk ``chunk_index`` of a
     request, so offline callers (``lensserve batch``) get the API's numbers:
-    with the same seed, chunk index and cutouts, the same dropout masks and
-    predictive draws.
+    with the same seed, chunk index and cutouts, the same dropout masks.
 
     Parameters
     ----------
@@ -329,8 +327,6 @@ def predict_chunk(
         ``chunk_index`` as the engine derives it.
     chunk_index : int
         Position of the chunk in its request or catalogue (count from 0).
-    include_samples : bool
-        Also return ``num_samples`` draws from each predictive distribution.
 
     Returns
     -------
@@ -344,7 +340,7 @@ def predict_chunk(
         cutouts=tuple(cutouts),
         num_samples=num_samples,
         seed=seed,
-        include_samples=include_samples,
+        include_samples=False,
         chunk_index=chunk_index,
     )
     return _predict_item(runtime, item)

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service import batch, batch_table
+from service import batch, batch_table, batch_worker
 from service.batch_inputs import resolve_inputs
 from service.batch_table import COLUMNS, flatten_value, read_table, rows_to_arrow, write_table
 from service.cli import main
@@ -251,7 +251,7 @@ def test_each_worker_loads_the_models_once_for_all_its_partitions(tmp_path, clus
     )
     assert len(read_table(out)) == 12
     with distributed.Client(cluster.scheduler_address) as client:
-        loads = client.run(batch.runtime_loads)
+        loads = client.run(batch_worker.runtime_loads)
     # Six partitions on two workers, and never more than one load per worker process.
     assert set(loads.values()) <= {0, 1} and sum(loads.values()) >= 1
 
