@@ -42,6 +42,31 @@ def _robust_sigma(values: NDArray[np.float64]) -> float:
     return float(1.4826 * np.median(np.abs(finite - np.median(finite))))
 
 
+def _fill_masked(data: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Masked (non-finite) pixels take the mean of their finite 4-neighbours.
+
+    The fill grows inward from the mask's edge, one ring per step, so a bad
+    column or a satellite trail is bridged by the light on either side instead
+    of leaving a dark stripe through the deflector that no training image had.
+    Pixels with no finite pixel anywhere in their band stay 0 (background).
+    """
+    known = np.isfinite(data)
+    if known.all():
+        return data
+    filled = np.where(known, data, 0.0)
+    for _ in range(sum(data.shape[1:])):
+        values = np.pad(np.where(known, filled, 0.0), ((0, 0), (1, 1), (1, 1)))
+        counts = np.pad(known.astype(np.float64), ((0, 0), (1, 1), (1, 1)))
+        total = values[:, :-2, 1:-1] + values[:, 2:, 1:-1] + values[:, 1:-1, :-2] + values[:, 1:-1, 2:]
+        count = counts[:, :-2, 1:-1] + counts[:, 2:, 1:-1] + counts[:, 1:-1, :-2] + counts[:, 1:-1, 2:]
+        grow = ~known & (count > 0)
+        if not grow.any():
+            break
+        filled[grow] = total[grow] / count[grow]
+        known |= grow
+    return filled
+
+
 def preprocess_cutout(cube: NDArray[np.floating]) -> NDArray[np.float32]:
     """Turn one band-ordered cutout into the network input.
 
@@ -49,7 +74,8 @@ def preprocess_cutout(cube: NDArray[np.floating]) -> NDArray[np.float32]:
     by one noise scale shared by all bands (so colours survive) and passed
     through an asinh stretch. The result does not depend on the flux unit:
     multiplying ``cube`` by any positive constant leaves it unchanged up to
-    float rounding. Masked (NaN/inf) pixels become the background, 0.
+    float rounding. Masked (NaN/inf) pixels are left out of the background and
+    noise estimates and then filled from their neighbours (:func:`_fill_masked`).
 
     Parameters
     ----------
@@ -72,6 +98,7 @@ def preprocess_cutout(cube: NDArray[np.floating]) -> NDArray[np.float32]:
     if sigma <= 0.0:
         # An all-zero (or all-masked) cutout carries no signal; keep it zero.
         sigma = 1.0
+    data = _fill_masked(data)
     scaled = np.arcsinh(data / (_ASINH_SOFTENING_SIGMA * sigma))
     scaled[~np.isfinite(scaled)] = 0.0
     return np.ascontiguousarray(np.moveaxis(scaled, 0, -1), dtype=np.float32)
