@@ -17,6 +17,10 @@ Endpoints
     ``GET /metrics``       Prometheus metrics.
     ``/v2/...``            Open Inference Protocol v2 (:mod:`service.oip_v2`).
 
+Everything under ``/v1`` and ``/v2`` passes the guards of :mod:`service.guards`
+(API keys when configured, admission limit, deadline, disconnects); SIGTERM
+drains the process (:mod:`service.draining`).
+
 Each process keeps its own metrics registry: with ``--workers N`` every worker
 reports only what it served.
 """
@@ -36,6 +40,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -50,6 +55,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batching import BatchStats
+from service.draining import drain_on_sigterm
 from service.errors import (
     BandMismatchError,
     CutoutTooSmallError,
@@ -62,10 +68,13 @@ from service.errors import (
     OverloadedError,
     PayloadTooLargeError,
     PixelScaleMismatchError,
+    RequestTimeoutError,
     TooManyMaskedPixelsError,
+    UnauthorizedError,
     UnsupportedMediaTypeError,
 )
 from service.fits_codec import FitsLimits
+from service.guards import API_KEY_HEADER, ApiKeyMiddleware, WorkGuardMiddleware
 from service.inference import CutoutOutcome, InferenceEngine, PreparedCutout, prepare_cutout
 from service.oip_v2 import create_oip_v2_router
 from service.runtime import MAX_SEED, OnnxModelRuntime, available_providers
@@ -99,6 +108,8 @@ STATUS_BY_ERROR: dict[type[LensServeError], int] = {
     TooManyMaskedPixelsError: 422,
     PayloadTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
+    UnauthorizedError: 401,
+    RequestTimeoutError: 408,
     ModelUnavailableError: 503,
     OverloadedError: 503,
     InferenceError: 500,
@@ -198,6 +209,7 @@ class _AppState:
     metrics: _Metrics
     executor: ThreadPoolExecutor | None = None
     ready: bool = False
+    draining: bool = False
     load_error: LensServeError | None = None
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -206,6 +218,18 @@ class _AppState:
             raise ModelUnavailableError(f"the models could not be loaded: {self.load_error}")
         if not self.ready:
             raise ModelUnavailableError("the models are still loading; retry in a few seconds")
+
+    def check_readiness(self) -> None:
+        """Raise unless new work is welcome: models ready, not draining, queue not full."""
+        self.require_ready()
+        if self.draining:
+            raise ModelUnavailableError("the service is shutting down; send requests elsewhere")
+        queued = self.engine.queued_cutouts
+        if queued >= self.settings.max_queue_cutouts:
+            raise OverloadedError(
+                f"the inference queue is full ({queued} of {self.settings.max_queue_cutouts} "
+                "cutouts); retry later"
+            )
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -411,14 +435,21 @@ def _error_response(status: int, code: str, message: str, **headers: str) -> JSO
     return JSONResponse(body.model_dump(), status_code=status, headers=headers or None)
 
 
+def _service_error_response(exc: LensServeError, state: _AppState) -> JSONResponse:
+    """The one rendering of a service error: status, JSON body, Retry-After, WWW-Authenticate."""
+    state.metrics.errors.labels(code=exc.code).inc()
+    headers = {}
+    if isinstance(exc, OverloadedError):
+        headers["Retry-After"] = str(state.settings.overload_retry_after_s)
+    if isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = 'Bearer realm="lensserve"'
+    return _error_response(status_for(exc), exc.code, str(exc), **headers)
+
+
 def _install_error_handlers(app: FastAPI, state: _AppState) -> None:
     async def handle_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, LensServeError)
-        state.metrics.errors.labels(code=exc.code).inc()
-        headers = {}
-        if isinstance(exc, OverloadedError):
-            headers["Retry-After"] = str(state.settings.overload_retry_after_s)
-        return _error_response(status_for(exc), exc.code, str(exc), **headers)
+        return _service_error_response(exc, state)
 
     async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -460,7 +491,10 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        # An exception leaves no response here (Starlette sends its 500 further out); a
+        # request whose client went away ends with none either: nginx's 499.
+        status: int | None = None
+        raised = True
 
         async def send_with_status(message: MutableMapping[str, Any]) -> None:
             nonlocal status
@@ -470,7 +504,10 @@ class _MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_with_status)
+            raised = False
         finally:
+            if status is None:
+                status = 500 if raised else 499
             route = scope.get("route")
             # Route templates, not raw paths, keep the label set small.
             name = getattr(route, "path", "unmatched")
@@ -485,6 +522,8 @@ class _MetricsMiddleware:
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
+        (401, "An API key is required and was missing or unknown (`unauthorized`)."),
+        (408, "The body did not arrive within the request timeout (`request_timeout`)."),
         (400, "Not FITS, truncated, or a malformed request (`invalid_fits`, `invalid_request`)."),
         (413, "Body, file count or decompressed size over the limits (`payload_too_large`)."),
         (415, "Unsupported Content-Type or Content-Encoding (`unsupported_media_type`)."),
@@ -493,7 +532,12 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
             "FITS without usable image data: no image HDU, wrong bands, too small, other "
             "pixel scale, too many masked pixels; or bad query parameters.",
         ),
-        (503, "Models not ready (`model_unavailable`) or queue full (`overloaded`, Retry-After)."),
+        (
+            503,
+            "Models not ready or shutting down (`model_unavailable`), or at capacity: queue "
+            "full, too many requests at once, or no answer within the timeout (`overloaded`, "
+            "Retry-After).",
+        ),
         (500, "The models failed (`inference_failed`)."),
     )
 }
@@ -536,13 +580,19 @@ def _configure_logging(level: str) -> None:
         package_logger.addHandler(handler)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, runtime: OnnxModelRuntime | None = None
+) -> FastAPI:
     """Build the lensserve application.
 
     Parameters
     ----------
     settings : Settings or None
         Configuration; read from the ``LENSSERVE_*`` environment when None.
+    runtime : OnnxModelRuntime or None
+        The model runtime, for tests that inject faults into inference; by
+        default one is built from ``settings`` (models folder, device,
+        threads, warm-up).
 
     Returns
     -------
@@ -553,7 +603,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     _configure_logging(settings.log_level)
     metrics = _Metrics()
-    runtime = OnnxModelRuntime(
+    runtime = runtime or OnnxModelRuntime(
         settings.models_dir,
         device=settings.device,
         intra_op_threads=settings.intra_op_threads,
@@ -592,6 +642,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.ready.set(1)
         logger.info("models loaded and warmed up: %s", runtime.models.versions)
 
+    def begin_drain() -> None:
+        state.draining = True
+        metrics.ready.set(0)
+        logger.info(
+            "SIGTERM: not ready from now on; the port closes in %g s", settings.shutdown_grace_s
+        )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.executor = ThreadPoolExecutor(
@@ -601,9 +658,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         task = asyncio.create_task(load_models(), name="lensserve-load-models")
         state.background.add(task)
         task.add_done_callback(state.background.discard)
+        restore_sigterm = drain_on_sigterm(
+            asyncio.get_running_loop(), on_drain=begin_drain, grace_s=settings.shutdown_grace_s
+        )
         try:
             yield
         finally:
+            restore_sigterm()
             state.ready = False
             metrics.ready.set(0)
             await engine.close()
@@ -618,12 +679,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.lensserve = state
     _install_error_handlers(app, state)
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    _install_middlewares(app, state)
     app.include_router(
         create_oip_v2_router(
             runtime=runtime,
             settings=settings,
-            is_ready=lambda: state.ready,
+            is_ready=lambda: state.ready and not state.draining,
             server_version=app.version,
         )
     )
@@ -726,8 +787,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Readiness",
     )
     async def read_readiness() -> HealthResponse:
-        """200 once the models are loaded and warmed up; 503 before, or if loading failed."""
-        state.require_ready()
+        """200 once the models are loaded and warmed up; 503 before, if loading failed, while
+        the inference queue is full and from SIGTERM on."""
+        state.check_readiness()
         return HealthResponse(status="ready")
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -736,6 +798,44 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _install_middlewares(app: FastAPI, state: _AppState) -> None:
+    """The middleware stack, outermost last: CORS, metrics, API keys, work guard."""
+    settings = state.settings
+
+    def render_error(exc: LensServeError) -> JSONResponse:
+        return _service_error_response(exc, state)
+
+    # Starlette wraps each new middleware around the previous ones.
+    app.add_middleware(
+        WorkGuardMiddleware,  # type: ignore[arg-type]
+        max_concurrent=settings.max_concurrent_requests,
+        timeout_s=settings.request_timeout_s,
+        render_error=render_error,
+    )
+    app.add_middleware(
+        ApiKeyMiddleware,  # type: ignore[arg-type]
+        keys=[key.get_secret_value() for key in settings.api_keys],
+        render_error=render_error,
+    )
+    app.add_middleware(_MetricsMiddleware, metrics=state.metrics)  # type: ignore[arg-type]
+    if settings.cors_origins:
+        # Outermost, so that preflights need no key and refusals still carry CORS headers.
+        app.add_middleware(
+            CORSMiddleware,  # type: ignore[arg-type]
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=[
+                "Authorization",
+                API_KEY_HEADER.decode(),
+                "Content-Type",
+                "Content-Encoding",
+                "Content-Disposition",
+            ],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
 
 
 def _package_version() -> str:
