@@ -74,7 +74,7 @@ from service.errors import (
     UnsupportedMediaTypeError,
 )
 from service.fits_codec import FitsLimits
-from service.guards import API_KEY_HEADER, ApiKeyMiddleware, WorkGuardMiddleware
+from service.guards import API_KEY_HEADER, Admission, ApiKeyMiddleware, WorkGuardMiddleware
 from service.inference import CutoutOutcome, InferenceEngine, PreparedCutout, prepare_cutout
 from service.oip_v2 import create_oip_v2_router
 from service.runtime import MAX_SEED, OnnxModelRuntime, available_providers
@@ -183,6 +183,11 @@ class _Metrics:
             "Cutouts waiting for a batch (cutouts).",
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "lensserve_requests_in_flight",
+            "POST requests under /v1 and /v2 being handled (requests).",
+            registry=self.registry,
+        )
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
@@ -207,6 +212,7 @@ class _AppState:
     runtime: OnnxModelRuntime
     limits: FitsLimits
     metrics: _Metrics
+    admission: Admission
     executor: ThreadPoolExecutor | None = None
     ready: bool = False
     draining: bool = False
@@ -628,8 +634,10 @@ def create_app(
             max_masked_fraction=settings.max_masked_fraction,
         ),
         metrics=metrics,
+        admission=Admission(limit=settings.max_concurrent_requests),
     )
     metrics.queued.set_function(lambda: engine.queued_cutouts)
+    metrics.in_flight.set_function(lambda: state.admission.active)
 
     async def load_models() -> None:
         try:
@@ -810,7 +818,7 @@ def _install_middlewares(app: FastAPI, state: _AppState) -> None:
     # Starlette wraps each new middleware around the previous ones.
     app.add_middleware(
         WorkGuardMiddleware,  # type: ignore[arg-type]
-        max_concurrent=settings.max_concurrent_requests,
+        admission=state.admission,
         timeout_s=settings.request_timeout_s,
         render_error=render_error,
     )

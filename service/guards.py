@@ -8,7 +8,7 @@ page and its assets) alone.
 - :class:`ApiKeyMiddleware` lets a request through only with one of the
   configured keys, in ``Authorization: Bearer <key>`` or ``X-API-Key``,
   compared in constant time.
-- :class:`WorkGuardMiddleware` admits at most ``max_concurrent`` POST requests
+- :class:`WorkGuardMiddleware` admits at most ``admission.limit`` POST requests
   at once (503 ``overloaded`` beyond, before the body is read), gives each
   guarded request a deadline (408 while its body is still arriving, 503
   after), and cancels a request whose client has gone away, so its work still
@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from service.errors import LensServeError, OverloadedError, RequestTimeoutError, UnauthorizedError
@@ -132,6 +133,14 @@ class ApiKeyMiddleware:
         await self._render_error(error)(scope, receive, send)
 
 
+@dataclass
+class Admission:
+    """How many guarded POST requests are being handled, and how many may be (requests)."""
+
+    limit: int
+    active: int = 0
+
+
 class WorkGuardMiddleware:
     """Admission limit, deadline and disconnect handling for the protected routes.
 
@@ -139,8 +148,9 @@ class WorkGuardMiddleware:
     ----------
     app : ASGI app
         The application behind it.
-    max_concurrent : int
-        Most POST requests under the prefixes handled at once (requests).
+    admission : Admission
+        Counts the POST requests under the prefixes being handled and holds
+        the most allowed at once (requests); the API layer reports it.
     timeout_s : float
         Deadline of each guarded request, first byte to answer (seconds).
     render_error : callable
@@ -153,22 +163,16 @@ class WorkGuardMiddleware:
         self,
         app: ASGIApp,
         *,
-        max_concurrent: int,
+        admission: Admission,
         timeout_s: float,
         render_error: RenderError,
         prefixes: Sequence[str] = PROTECTED_PREFIXES,
     ) -> None:
         self.app = app
-        self._max_concurrent = max_concurrent
+        self._admission = admission
         self._timeout_s = timeout_s
         self._render_error = render_error
         self._prefixes = tuple(prefixes)
-        self._active = 0
-
-    @property
-    def active_requests(self) -> int:
-        """POST requests under the prefixes being handled now (requests)."""
-        return self._active
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not is_protected(route_path(scope), self._prefixes):
@@ -177,17 +181,18 @@ class WorkGuardMiddleware:
         if scope.get("method") != "POST":
             await self._guarded(scope, receive, send)
             return
-        if self._active >= self._max_concurrent:
+        admission = self._admission
+        if admission.active >= admission.limit:
             error = OverloadedError(
-                f"{self._active} requests are being handled, the most at once; retry later"
+                f"{admission.active} requests are being handled, the most at once; retry later"
             )
             await self._render_error(error)(scope, receive, send)
             return
-        self._active += 1
+        admission.active += 1
         try:
             await self._guarded(scope, receive, send)
         finally:
-            self._active -= 1
+            admission.active -= 1
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the app under the deadline, cancelling it if the client disconnects."""
@@ -213,8 +218,8 @@ class WorkGuardMiddleware:
                 await watcher
             done = await asyncio.gather(app_task, return_exceptions=True)
         outcome = done[0]
-        if isinstance(outcome, Exception):
-            raise outcome
+        if isinstance(outcome, Exception) and not call.disconnected.is_set():
+            raise outcome  # a client that went away mid-body needs no 500 (ClientDisconnect)
         if timed_out and not call.response_started and not call.disconnected.is_set():
             await self._render_error(self._timeout_error(call.body_received))(scope, receive, send)
 
