@@ -75,7 +75,13 @@ from service.errors import (
 )
 from service.fits_codec import FitsLimits
 from service.guards import API_KEY_HEADER, Admission, ApiKeyMiddleware, WorkGuardMiddleware
-from service.inference import CutoutOutcome, InferenceEngine, PreparedCutout, prepare_cutout
+from service.inference import (
+    CutoutOutcome,
+    InferenceEngine,
+    PreparedCutout,
+    prepare_cutout_for_input,
+)
+from service.isolation import IsolatedDecoder
 from service.oip_v2 import create_oip_v2_router
 from service.runtime import MAX_SEED, OnnxModelRuntime, available_providers
 from service.schemas import (
@@ -214,6 +220,7 @@ class _AppState:
     metrics: _Metrics
     admission: Admission
     executor: ThreadPoolExecutor | None = None
+    decoder: IsolatedDecoder | None = None
     ready: bool = False
     draining: bool = False
     load_error: LensServeError | None = None
@@ -412,16 +419,20 @@ async def _read_uploads(request: Request, settings: Settings) -> list[_Upload]:
     )
 
 
-def _prepare_upload(upload: _Upload, *, state: _AppState) -> PreparedCutout | LensServeError:
-    """Decode and preprocess one file in a worker thread; errors are returned, not raised."""
+async def _prepare_upload(upload: _Upload, *, state: _AppState) -> PreparedCutout | LensServeError:
+    """Decode and preprocess one file in a worker process or thread; errors are returned."""
+    call = partial(
+        prepare_cutout_for_input,
+        upload.data,
+        filename=upload.filename,
+        spec=state.runtime.models.input,
+        limits=state.limits,
+        content_encoding=upload.content_encoding,
+    )
     try:
-        return prepare_cutout(
-            upload.data,
-            filename=upload.filename,
-            models=state.runtime.models,
-            limits=state.limits,
-            content_encoding=upload.content_encoding,
-        )
+        if state.decoder is not None:
+            return await state.decoder.run(call)
+        return await asyncio.get_running_loop().run_in_executor(state.executor, call)
     except LensServeError as exc:
         return exc
     except Exception as exc:  # a file the codec did not foresee must not take the request down
@@ -659,9 +670,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.executor = ThreadPoolExecutor(
-            max_workers=settings.resolved_decode_threads, thread_name_prefix="lensserve-decode"
-        )
+        if settings.decode_isolation == "process":
+            state.decoder = IsolatedDecoder(
+                workers=settings.resolved_decode_threads,
+                max_memory_bytes=settings.decode_worker_max_bytes,
+            )
+            state.decoder.start()
+        else:
+            state.executor = ThreadPoolExecutor(
+                max_workers=settings.resolved_decode_threads, thread_name_prefix="lensserve-decode"
+            )
         await engine.start()
         task = asyncio.create_task(load_models(), name="lensserve-load-models")
         state.background.add(task)
@@ -676,7 +694,10 @@ def create_app(
             state.ready = False
             metrics.ready.set(0)
             await engine.close()
-            state.executor.shutdown(wait=False, cancel_futures=True)
+            if state.decoder is not None:
+                state.decoder.close()
+            if state.executor is not None:
+                state.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="lensserve",
@@ -734,14 +755,8 @@ def create_app(
         """
         state.require_ready()
         uploads = await _read_uploads(request, settings)
-        loop = asyncio.get_running_loop()
         outcomes: list[CutoutOutcome | PreparedCutout] = list(
-            await asyncio.gather(
-                *(
-                    loop.run_in_executor(state.executor, partial(_prepare_upload, u, state=state))
-                    for u in uploads
-                )
-            )
+            await asyncio.gather(*(_prepare_upload(u, state=state) for u in uploads))
         )
         if len(outcomes) == 1 and isinstance(outcomes[0], LensServeError):
             raise outcomes[0]

@@ -55,8 +55,17 @@ class Settings(BaseSettings):
     core. With several uvicorn workers, ``lensserve serve`` divides the cores among them."""
 
     decode_threads: int = Field(default=0, ge=0, le=1024)
-    """Threads that decode and preprocess FITS files off the event loop (count); 0 means
-    one per available core."""
+    """Threads, or worker processes with ``decode_isolation=process``, that decode and
+    preprocess FITS files off the event loop (count); 0 means one per available core."""
+
+    decode_isolation: Literal["process", "thread"] = "process"
+    """Where FITS files are decoded: ``process`` runs them in worker processes, so a crash in
+    astropy's native code (tile decompression, wcslib) loses one file, not the server;
+    ``thread`` runs them in this process (no unit)."""
+
+    decode_worker_max_bytes: int = Field(default=2 * 1024 * MiB, ge=256 * MiB)
+    """Address-space limit of each decode worker process; past it the file fails with a
+    400 (bytes)."""
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Largest number of cutouts merged into one onnxruntime call (cutouts)."""
