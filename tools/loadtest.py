@@ -1,14 +1,16 @@
 """Open-loop load test of a lensserve server on loopback: ``make loadtest``.
 
 1. Starts ``python -m service serve`` on a free port (or targets ``--url``).
-2. Measures capacity: ``--probe-connections`` clients post back to back for
-   ``--probe-s`` seconds; capacity is the rate of 200 answers (requests/s).
+2. Warms it up for ``--warmup-s`` seconds, then measures capacity:
+   ``--probe-connections`` clients post back to back for ``--probe-s``
+   seconds; capacity is the rate of 200 answers (requests/s).
 3. Offers ``--overload`` times that rate for ``--duration-s`` seconds, open
    loop (a request leaves on schedule whether or not earlier ones finished),
    over at most ``--max-connections`` keep-alive connections: a bounded
    generator. A request that finds every connection busy is not sent and is
    counted as ``not_sent``.
-4. Samples the server's resident memory (``/proc/<pid>/status``) every second.
+4. Samples the resident memory (``/proc/<pid>/status``) of the server and of
+   the server with its child processes (decode workers) every second.
 
 It prints a JSON report: answers by status, socket errors, latency quantiles
 of the admitted (200) and refused (503) requests, and RSS over time. Each
@@ -202,17 +204,43 @@ async def open_loop(pool: Pool, request: bytes, *, rate_per_s: float, duration_s
 
 
 def rss_mib(pid: int) -> float:
-    """Resident memory of process ``pid`` (MiB), from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """Resident memory of process ``pid`` (MiB), from /proc; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    return 0.0
 
 
-async def sample_rss(pid: int, samples: list[tuple[float, float]], stop: asyncio.Event) -> None:
+def descendants(pid: int) -> list[int]:
+    """Processes started by ``pid``, at any depth (the decode fork server and its workers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+async def sample_rss(
+    pid: int, samples: list[tuple[float, float, float]], stop: asyncio.Event
+) -> None:
+    """Every second: (time s, server RSS MiB, server plus its child processes' RSS MiB)."""
     started = time.perf_counter()
     while not stop.is_set():
-        samples.append((round(time.perf_counter() - started, 1), round(rss_mib(pid), 1)))
+        server = rss_mib(pid)
+        total = server + sum(rss_mib(child) for child in descendants(pid))
+        samples.append((round(time.perf_counter() - started, 1), round(server, 1), round(total, 1)))
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except TimeoutError:
@@ -263,12 +291,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         await wait_ready(host, port)
         request = build_request(host, port, args.sample.read_bytes())
         pool = Pool(host, port, args.max_connections)
+        # Start the decode workers and fill the caches, so the probe measures a warm server.
+        await closed_loop(pool, request, clients=args.probe_connections, duration_s=args.warmup_s)
         probe = await closed_loop(
             pool, request, clients=args.probe_connections, duration_s=args.probe_s
         )
         capacity = probe.statuses.get(200, 0) / args.probe_s
         rate = args.overload * capacity
-        rss: list[tuple[float, float]] = []
+        rss: list[tuple[float, float, float]] = []
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_rss(pid, rss, stop)) if pid else None
         load = await open_loop(pool, request, rate_per_s=rate, duration_s=args.duration_s)
@@ -299,23 +329,27 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
-def _rss_summary(samples: list[tuple[float, float]]) -> dict[str, object]:
+def _rss_summary(samples: list[tuple[float, float, float]]) -> dict[str, object]:
+    """Start, end, max and the slope over the second half, for the server and with children."""
     if not samples:
         return {}
-    values = [mib for _, mib in samples]
+    summary: dict[str, object] = {}
     second_half = samples[len(samples) // 2 :]
-    slope = (
-        float(np.polyfit([t for t, _ in second_half], [m for _, m in second_half], 1)[0]) * 60
-        if len(second_half) > 2
-        else 0.0
-    )
-    return {
-        "start": values[0],
-        "end": values[-1],
-        "max": max(values),
-        "second_half_slope_mib_per_min": round(slope, 2),
-        "samples": samples,
-    }
+    for column, name in ((1, "server"), (2, "server_and_children")):
+        values = [sample[column] for sample in samples]
+        slope = (
+            np.polyfit([s[0] for s in second_half], [s[column] for s in second_half], 1)[0] * 60
+            if len(second_half) > 2
+            else 0.0
+        )
+        summary[name] = {
+            "start": values[0],
+            "end": values[-1],
+            "max": max(values),
+            "second_half_slope_mib_per_min": round(float(slope), 2),
+        }
+    summary["samples_s_server_total"] = samples
+    return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE, help="FITS file to post")
     parser.add_argument("--duration-s", type=float, default=60.0, help="overload phase (s)")
     parser.add_argument("--overload", type=float, default=2.0, help="offered rate / capacity")
+    parser.add_argument("--warmup-s", type=float, default=5.0, help="unmeasured warm-up (s)")
     parser.add_argument("--probe-s", type=float, default=10.0, help="capacity probe (s)")
     parser.add_argument("--probe-connections", type=int, default=16, help="probe clients")
     parser.add_argument("--max-connections", type=int, default=256, help="generator bound")
