@@ -74,7 +74,15 @@ from service.errors import (
     UnsupportedMediaTypeError,
 )
 from service.fits_codec import FitsLimits
-from service.guards import API_KEY_HEADER, Admission, ApiKeyMiddleware, WorkGuardMiddleware
+from service.guards import (
+    API_KEY_HEADER,
+    Admission,
+    ApiKeyMiddleware,
+    Scope,
+    WorkGuardMiddleware,
+    is_protected,
+    route_path,
+)
 from service.inference import (
     CutoutOutcome,
     InferenceEngine,
@@ -823,12 +831,23 @@ def create_app(
     return app
 
 
+#: Headers of a guard's refusal that the /v2 error shape keeps.
+_GUARD_HEADERS = ("retry-after", "www-authenticate")
+
+
 def _install_middlewares(app: FastAPI, state: _AppState) -> None:
     """The middleware stack, outermost last: CORS, metrics, API keys, work guard."""
     settings = state.settings
 
-    def render_error(exc: LensServeError) -> JSONResponse:
-        return _service_error_response(exc, state)
+    def render_error(exc: LensServeError, scope: Scope) -> JSONResponse:
+        response = _service_error_response(exc, state)
+        if is_protected(route_path(scope), ("/v2",)):
+            # The Open Inference Protocol's error shape (service.oip_v2), same status and headers.
+            kept = {k: v for k, v in response.headers.items() if k in _GUARD_HEADERS}
+            response = JSONResponse(
+                {"error": str(exc)}, status_code=response.status_code, headers=kept
+            )
+        return response
 
     # Starlette wraps each new middleware around the previous ones.
     app.add_middleware(

@@ -36,8 +36,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-#: Turns a service error into an ASGI response app (status, JSON body, headers).
-RenderError = Callable[[LensServeError], ASGIApp]
+#: Turns a service error met by the request ``scope`` into an ASGI response app.
+RenderError = Callable[[LensServeError, Scope], ASGIApp]
 
 #: Path prefixes whose routes do the service's work and need a key when keys are set.
 PROTECTED_PREFIXES = ("/v1", "/v2")
@@ -130,7 +130,7 @@ class ApiKeyMiddleware:
             f"the request carries {reason}; send one as 'Authorization: Bearer <key>' or "
             "'X-API-Key: <key>'"
         )
-        await self._render_error(error)(scope, receive, send)
+        await self._render_error(error, scope)(scope, receive, send)
 
 
 @dataclass
@@ -186,7 +186,7 @@ class WorkGuardMiddleware:
             error = OverloadedError(
                 f"{admission.active} requests are being handled, the most at once; retry later"
             )
-            await self._render_error(error)(scope, receive, send)
+            await self._render_error(error, scope)(scope, receive, send)
             return
         admission.active += 1
         try:
@@ -221,7 +221,8 @@ class WorkGuardMiddleware:
         if isinstance(outcome, Exception) and not call.disconnected.is_set():
             raise outcome  # a client that went away mid-body needs no 500 (ClientDisconnect)
         if timed_out and not call.response_started and not call.disconnected.is_set():
-            await self._render_error(self._timeout_error(call.body_received))(scope, receive, send)
+            error = self._timeout_error(call.body_received)
+            await self._render_error(error, scope)(scope, receive, send)
 
     def _timeout_error(self, body_received: bool) -> LensServeError:
         if not body_received:
