@@ -703,7 +703,7 @@ def create_app(
             metrics.ready.set(0)
             await engine.close()
             if state.decoder is not None:
-                state.decoder.close()
+                await asyncio.to_thread(state.decoder.close)
             if state.executor is not None:
                 state.executor.shutdown(wait=False, cancel_futures=True)
 

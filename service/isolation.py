@@ -82,10 +82,11 @@ class IsolatedDecoder:
         self._quarantine = self._new_pool(1)
 
     def close(self) -> None:
-        """Stop the workers without waiting for running tasks."""
+        """Cancel queued tasks and stop the workers (blocking: run it off the event loop)."""
         for pool in (self._pool, self._quarantine):
             if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+                # Joining the workers lets the pool release its semaphores before exit.
+                pool.shutdown(wait=True, cancel_futures=True)
         self._pool = self._quarantine = None
 
     async def run(self, function: Callable[..., ResultT], *args: Any) -> ResultT:

@@ -128,7 +128,7 @@ class Settings(BaseSettings):
     """After SIGTERM, how long ``/health/ready`` answers 503 while requests are still
     accepted, so load balancers stop sending new ones before the port closes (seconds)."""
 
-    drain_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0)
+    drain_timeout_s: int = Field(default=30, ge=1, le=3600)
     """After the port closes, how long requests in flight may take to finish before the
     process exits anyway (seconds)."""
 
