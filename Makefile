@@ -36,7 +36,7 @@ serve: $(VENV)/.serve
 	$(BIN)/lensserve serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.test
-	$(BIN)/ruff check service training tests
+	$(BIN)/ruff check service training tests tools
 	$(BIN)/python -m pytest
 
 # Open-loop overload of a fresh local server (2x its measured capacity for 60 s); a command,
