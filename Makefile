@@ -9,7 +9,7 @@ RUNS ?= runs
 TRAIN_CUTOUTS ?= 44000
 TEST_CUTOUTS ?= 6000
 
-.PHONY: serve test lint models bench install-serve install-test install-train clean
+.PHONY: serve test lint models bench loadtest install-serve install-test install-train clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,14 @@ serve: $(VENV)/.serve
 	$(BIN)/lensserve serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.test
-	$(BIN)/ruff check service training tests
+	$(BIN)/ruff check service training tests tools
 	$(BIN)/python -m pytest
+
+# Open-loop overload of a fresh local server (2x its measured capacity for 60 s); a command,
+# not a CI test: figures in docs/reliability.md. Fails on any answer but 200/503 or a socket error.
+LOADTEST_S ?= 60
+loadtest: $(VENV)/.serve
+	$(BIN)/python tools/loadtest.py --duration-s $(LOADTEST_S) --out loadtest.json
 
 # Rebuild the three shipped models from scratch: simulate, train, evaluate, export.
 models: $(VENV)/.train

@@ -17,6 +17,10 @@ Endpoints
     ``GET /metrics``       Prometheus metrics.
     ``/v2/...``            Open Inference Protocol v2 (:mod:`service.oip_v2`).
 
+Everything under ``/v1`` and ``/v2`` passes the guards of :mod:`service.guards`
+(API keys when configured, admission limit, deadline, disconnects); SIGTERM
+drains the process (:mod:`service.draining`).
+
 Each process keeps its own metrics registry: with ``--workers N`` every worker
 reports only what it served.
 """
@@ -36,6 +40,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -50,6 +55,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batching import BatchStats
+from service.draining import drain_on_sigterm
 from service.errors import (
     BandMismatchError,
     CutoutTooSmallError,
@@ -62,11 +68,28 @@ from service.errors import (
     OverloadedError,
     PayloadTooLargeError,
     PixelScaleMismatchError,
+    RequestTimeoutError,
     TooManyMaskedPixelsError,
+    UnauthorizedError,
     UnsupportedMediaTypeError,
 )
 from service.fits_codec import FitsLimits
-from service.inference import CutoutOutcome, InferenceEngine, PreparedCutout, prepare_cutout
+from service.guards import (
+    API_KEY_HEADER,
+    Admission,
+    ApiKeyMiddleware,
+    Scope,
+    WorkGuardMiddleware,
+    is_protected,
+    route_path,
+)
+from service.inference import (
+    CutoutOutcome,
+    InferenceEngine,
+    PreparedCutout,
+    prepare_cutout_for_input,
+)
+from service.isolation import IsolatedDecoder
 from service.oip_v2 import create_oip_v2_router
 from service.runtime import MAX_SEED, OnnxModelRuntime, available_providers
 from service.schemas import (
@@ -99,6 +122,8 @@ STATUS_BY_ERROR: dict[type[LensServeError], int] = {
     TooManyMaskedPixelsError: 422,
     PayloadTooLargeError: 413,
     UnsupportedMediaTypeError: 415,
+    UnauthorizedError: 401,
+    RequestTimeoutError: 408,
     ModelUnavailableError: 503,
     OverloadedError: 503,
     InferenceError: 500,
@@ -172,6 +197,11 @@ class _Metrics:
             "Cutouts waiting for a batch (cutouts).",
             registry=self.registry,
         )
+        self.in_flight = Gauge(
+            "lensserve_requests_in_flight",
+            "POST requests under /v1 and /v2 being handled (requests).",
+            registry=self.registry,
+        )
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
@@ -196,8 +226,11 @@ class _AppState:
     runtime: OnnxModelRuntime
     limits: FitsLimits
     metrics: _Metrics
+    admission: Admission
     executor: ThreadPoolExecutor | None = None
+    decoder: IsolatedDecoder | None = None
     ready: bool = False
+    draining: bool = False
     load_error: LensServeError | None = None
     background: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -206,6 +239,18 @@ class _AppState:
             raise ModelUnavailableError(f"the models could not be loaded: {self.load_error}")
         if not self.ready:
             raise ModelUnavailableError("the models are still loading; retry in a few seconds")
+
+    def check_readiness(self) -> None:
+        """Raise unless new work is welcome: models ready, not draining, queue not full."""
+        self.require_ready()
+        if self.draining:
+            raise ModelUnavailableError("the service is shutting down; send requests elsewhere")
+        queued = self.engine.queued_cutouts
+        if queued >= self.settings.max_queue_cutouts:
+            raise OverloadedError(
+                f"the inference queue is full ({queued} of {self.settings.max_queue_cutouts} "
+                "cutouts); retry later"
+            )
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -382,16 +427,20 @@ async def _read_uploads(request: Request, settings: Settings) -> list[_Upload]:
     )
 
 
-def _prepare_upload(upload: _Upload, *, state: _AppState) -> PreparedCutout | LensServeError:
-    """Decode and preprocess one file in a worker thread; errors are returned, not raised."""
+async def _prepare_upload(upload: _Upload, *, state: _AppState) -> PreparedCutout | LensServeError:
+    """Decode and preprocess one file in a worker process or thread; errors are returned."""
+    call = partial(
+        prepare_cutout_for_input,
+        upload.data,
+        filename=upload.filename,
+        spec=state.runtime.models.input,
+        limits=state.limits,
+        content_encoding=upload.content_encoding,
+    )
     try:
-        return prepare_cutout(
-            upload.data,
-            filename=upload.filename,
-            models=state.runtime.models,
-            limits=state.limits,
-            content_encoding=upload.content_encoding,
-        )
+        if state.decoder is not None:
+            return await state.decoder.run(call)
+        return await asyncio.get_running_loop().run_in_executor(state.executor, call)
     except LensServeError as exc:
         return exc
     except Exception as exc:  # a file the codec did not foresee must not take the request down
@@ -411,14 +460,21 @@ def _error_response(status: int, code: str, message: str, **headers: str) -> JSO
     return JSONResponse(body.model_dump(), status_code=status, headers=headers or None)
 
 
+def _service_error_response(exc: LensServeError, state: _AppState) -> JSONResponse:
+    """The one rendering of a service error: status, JSON body, Retry-After, WWW-Authenticate."""
+    state.metrics.errors.labels(code=exc.code).inc()
+    headers = {}
+    if isinstance(exc, OverloadedError):
+        headers["Retry-After"] = str(state.settings.overload_retry_after_s)
+    if isinstance(exc, UnauthorizedError):
+        headers["WWW-Authenticate"] = 'Bearer realm="lensserve"'
+    return _error_response(status_for(exc), exc.code, str(exc), **headers)
+
+
 def _install_error_handlers(app: FastAPI, state: _AppState) -> None:
     async def handle_service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, LensServeError)
-        state.metrics.errors.labels(code=exc.code).inc()
-        headers = {}
-        if isinstance(exc, OverloadedError):
-            headers["Retry-After"] = str(state.settings.overload_retry_after_s)
-        return _error_response(status_for(exc), exc.code, str(exc), **headers)
+        return _service_error_response(exc, state)
 
     async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -460,7 +516,10 @@ class _MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        # An exception leaves no response here (Starlette sends its 500 further out); a
+        # request whose client went away ends with none either: nginx's 499.
+        status: int | None = None
+        raised = True
 
         async def send_with_status(message: MutableMapping[str, Any]) -> None:
             nonlocal status
@@ -470,7 +529,10 @@ class _MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_with_status)
+            raised = False
         finally:
+            if status is None:
+                status = 500 if raised else 499
             route = scope.get("route")
             # Route templates, not raw paths, keep the label set small.
             name = getattr(route, "path", "unmatched")
@@ -485,6 +547,8 @@ class _MetricsMiddleware:
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
+        (401, "An API key is required and was missing or unknown (`unauthorized`)."),
+        (408, "The body did not arrive within the request timeout (`request_timeout`)."),
         (400, "Not FITS, truncated, or a malformed request (`invalid_fits`, `invalid_request`)."),
         (413, "Body, file count or decompressed size over the limits (`payload_too_large`)."),
         (415, "Unsupported Content-Type or Content-Encoding (`unsupported_media_type`)."),
@@ -493,7 +557,12 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
             "FITS without usable image data: no image HDU, wrong bands, too small, other "
             "pixel scale, too many masked pixels; or bad query parameters.",
         ),
-        (503, "Models not ready (`model_unavailable`) or queue full (`overloaded`, Retry-After)."),
+        (
+            503,
+            "Models not ready or shutting down (`model_unavailable`), or at capacity: queue "
+            "full, too many requests at once, or no answer within the timeout (`overloaded`, "
+            "Retry-After).",
+        ),
         (500, "The models failed (`inference_failed`)."),
     )
 }
@@ -536,13 +605,19 @@ def _configure_logging(level: str) -> None:
         package_logger.addHandler(handler)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, *, runtime: OnnxModelRuntime | None = None
+) -> FastAPI:
     """Build the lensserve application.
 
     Parameters
     ----------
     settings : Settings or None
         Configuration; read from the ``LENSSERVE_*`` environment when None.
+    runtime : OnnxModelRuntime or None
+        The model runtime, for tests that inject faults into inference; by
+        default one is built from ``settings`` (models folder, device,
+        threads, warm-up).
 
     Returns
     -------
@@ -553,7 +628,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     _configure_logging(settings.log_level)
     metrics = _Metrics()
-    runtime = OnnxModelRuntime(
+    runtime = runtime or OnnxModelRuntime(
         settings.models_dir,
         device=settings.device,
         intra_op_threads=settings.intra_op_threads,
@@ -578,8 +653,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_masked_fraction=settings.max_masked_fraction,
         ),
         metrics=metrics,
+        admission=Admission(limit=settings.max_concurrent_requests),
     )
     metrics.queued.set_function(lambda: engine.queued_cutouts)
+    metrics.in_flight.set_function(lambda: state.admission.active)
 
     async def load_models() -> None:
         try:
@@ -592,22 +669,43 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.ready.set(1)
         logger.info("models loaded and warmed up: %s", runtime.models.versions)
 
+    def begin_drain() -> None:
+        state.draining = True
+        metrics.ready.set(0)
+        logger.info(
+            "SIGTERM: not ready from now on; the port closes in %g s", settings.shutdown_grace_s
+        )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.executor = ThreadPoolExecutor(
-            max_workers=settings.resolved_decode_threads, thread_name_prefix="lensserve-decode"
-        )
+        if settings.decode_isolation == "process":
+            state.decoder = IsolatedDecoder(
+                workers=settings.resolved_decode_threads,
+                max_memory_bytes=settings.decode_worker_max_bytes,
+            )
+            state.decoder.start()
+        else:
+            state.executor = ThreadPoolExecutor(
+                max_workers=settings.resolved_decode_threads, thread_name_prefix="lensserve-decode"
+            )
         await engine.start()
         task = asyncio.create_task(load_models(), name="lensserve-load-models")
         state.background.add(task)
         task.add_done_callback(state.background.discard)
+        restore_sigterm = drain_on_sigterm(
+            asyncio.get_running_loop(), on_drain=begin_drain, grace_s=settings.shutdown_grace_s
+        )
         try:
             yield
         finally:
+            restore_sigterm()
             state.ready = False
             metrics.ready.set(0)
             await engine.close()
-            state.executor.shutdown(wait=False, cancel_futures=True)
+            if state.decoder is not None:
+                await asyncio.to_thread(state.decoder.close)
+            if state.executor is not None:
+                state.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="lensserve",
@@ -618,12 +716,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.lensserve = state
     _install_error_handlers(app, state)
-    app.add_middleware(_MetricsMiddleware, metrics=metrics)  # type: ignore[arg-type]
+    _install_middlewares(app, state)
     app.include_router(
         create_oip_v2_router(
             runtime=runtime,
             settings=settings,
-            is_ready=lambda: state.ready,
+            is_ready=lambda: state.ready and not state.draining,
             server_version=app.version,
         )
     )
@@ -665,14 +763,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """
         state.require_ready()
         uploads = await _read_uploads(request, settings)
-        loop = asyncio.get_running_loop()
         outcomes: list[CutoutOutcome | PreparedCutout] = list(
-            await asyncio.gather(
-                *(
-                    loop.run_in_executor(state.executor, partial(_prepare_upload, u, state=state))
-                    for u in uploads
-                )
-            )
+            await asyncio.gather(*(_prepare_upload(u, state=state) for u in uploads))
         )
         if len(outcomes) == 1 and isinstance(outcomes[0], LensServeError):
             raise outcomes[0]
@@ -726,8 +818,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Readiness",
     )
     async def read_readiness() -> HealthResponse:
-        """200 once the models are loaded and warmed up; 503 before, or if loading failed."""
-        state.require_ready()
+        """200 once the models are loaded and warmed up; 503 before, if loading failed, while
+        the inference queue is full and from SIGTERM on."""
+        state.check_readiness()
         return HealthResponse(status="ready")
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -736,6 +829,55 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+#: Headers of a guard's refusal that the /v2 error shape keeps.
+_GUARD_HEADERS = ("retry-after", "www-authenticate")
+
+
+def _install_middlewares(app: FastAPI, state: _AppState) -> None:
+    """The middleware stack, outermost last: CORS, metrics, API keys, work guard."""
+    settings = state.settings
+
+    def render_error(exc: LensServeError, scope: Scope) -> JSONResponse:
+        response = _service_error_response(exc, state)
+        if is_protected(route_path(scope), ("/v2",)):
+            # The Open Inference Protocol's error shape (service.oip_v2), same status and headers.
+            kept = {k: v for k, v in response.headers.items() if k in _GUARD_HEADERS}
+            response = JSONResponse(
+                {"error": str(exc)}, status_code=response.status_code, headers=kept
+            )
+        return response
+
+    # Starlette wraps each new middleware around the previous ones.
+    app.add_middleware(
+        WorkGuardMiddleware,  # type: ignore[arg-type]
+        admission=state.admission,
+        timeout_s=settings.request_timeout_s,
+        render_error=render_error,
+    )
+    app.add_middleware(
+        ApiKeyMiddleware,  # type: ignore[arg-type]
+        keys=[key.get_secret_value() for key in settings.api_keys],
+        render_error=render_error,
+    )
+    app.add_middleware(_MetricsMiddleware, metrics=state.metrics)  # type: ignore[arg-type]
+    if settings.cors_origins:
+        # Outermost, so that preflights need no key and refusals still carry CORS headers.
+        app.add_middleware(
+            CORSMiddleware,  # type: ignore[arg-type]
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=[
+                "Authorization",
+                API_KEY_HEADER.decode(),
+                "Content-Type",
+                "Content-Encoding",
+                "Content-Disposition",
+            ],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        )
 
 
 def _package_version() -> str:

@@ -55,6 +55,8 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level,
         access_log=not args.no_access_log,
+        # After SIGTERM and the grace period: how long requests in flight may still take.
+        timeout_graceful_shutdown=settings.drain_timeout_s,
     )
     return 0
 

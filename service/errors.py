@@ -126,3 +126,15 @@ class InvalidBatchInputError(LensServeError):
     """The inputs of a batch run name nothing to score, or a list of paths cannot be read."""
 
     code: ClassVar[str] = "invalid_batch_input"
+
+
+class UnauthorizedError(LensServeError):
+    """The request carries no API key, or one the service does not know."""
+
+    code: ClassVar[str] = "unauthorized"
+
+
+class RequestTimeoutError(LensServeError):
+    """The request's body did not arrive within the request timeout."""
+
+    code: ClassVar[str] = "request_timeout"

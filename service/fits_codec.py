@@ -71,6 +71,10 @@ _CARD_BYTES = 80
 _BLOCK_BYTES = 2880
 #: Compressed bytes fed to zlib per call: keeps each copy of its unconsumed input small.
 _INFLATE_INPUT_BYTES = 1 << 16
+#: Most axes (NAXIS, ZNAXIS) or table columns (TFIELDS) the FITS standard allows.
+MAX_AXES = 999
+#: A card of a keyword astropy loops over, with a signed integer value.
+_COUNT_CARD = re.compile(rb"(NAXIS|ZNAXIS|TFIELDS) *= *([-+]?\d+)")
 _BAND_SEPARATORS = re.compile(r"[\s,;:/_.'\"()\[\]-]+")
 _ACCEPTED = (
     "accepted: a FITS file, optionally gzip-compressed, holding the bands as an image cube "
@@ -238,6 +242,7 @@ def decode_fits(
     _check_geometry(size_pixels, pixel_scale_arcsec)
     raw = _decompress(bytes(data), content_encoding=content_encoding, limits=limits)
     _check_signature(raw)
+    _check_axis_counts(raw)
     _check_header_lengths(raw, limits)
     with _astropy_quietly(), _open_fits(raw) as hdul:
         images, descriptions = _read_images(hdul, limits)
@@ -388,6 +393,26 @@ def _check_header_lengths(raw: bytes, limits: FitsLimits) -> None:
         offset += header_bytes + _padded(data_bytes)
         if not raw.startswith(b"XTENSION=", offset):
             return  # the end, or bytes after the last HDU that astropy ignores
+
+
+def _check_axis_counts(raw: bytes) -> None:
+    """Refuse NAXIS, ZNAXIS or TFIELDS outside 0-999 anywhere a header card could start.
+
+    astropy loops ``range(NAXIS)`` (and over ZNAXIS, TFIELDS) while it builds an
+    HDU, so one card claiming 2**31 axes holds a worker for hours and fills
+    gigabytes (found by fuzzing). FITS caps all three at 999 (FITS 4.0,
+    sections 4.4.1.1, 7.2.1 and 10.1.1). Every header starts on a 2880-byte
+    block, so only cards on 80-byte boundaries are looked at.
+    """
+    for match in _COUNT_CARD.finditer(raw):
+        if match.start() % _CARD_BYTES:
+            continue
+        value = int(match.group(2))
+        if not 0 <= value <= MAX_AXES:
+            keyword = match.group(1).decode()
+            raise InvalidFitsError(
+                f"got {keyword} = {value} at byte {match.start()}; FITS allows 0 to {MAX_AXES}"
+            )
 
 
 def _raw_header(

@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.batching import BatchStats, DynamicBatcher
-from service.cards import PARAMETER_COMPONENTS, ModelSet
+from service.cards import PARAMETER_COMPONENTS, InputSpec, ModelSet
 from service.errors import InferenceError, LensServeError
 from service.fits_codec import FitsLimits, decode_fits
 from service.preprocessing import preprocess_cutout
@@ -116,7 +116,28 @@ def prepare_cutout(
     LensServeError
         The file is not usable; see :func:`service.fits_codec.decode_fits`.
     """
-    spec = models.input
+    return prepare_cutout_for_input(
+        data, filename=filename, spec=models.input, limits=limits, content_encoding=content_encoding
+    )
+
+
+def prepare_cutout_for_input(
+    data: bytes,
+    *,
+    filename: str,
+    spec: InputSpec,
+    limits: FitsLimits,
+    content_encoding: str | None = None,
+) -> PreparedCutout:
+    """:func:`prepare_cutout` given only the models' input spec (picklable, for worker processes).
+
+    Parameters
+    ----------
+    spec : InputSpec
+        Bands, cutout shape (pixels) and pixel scale (arcsec/pixel) of the models' input.
+
+    Other parameters are those of :func:`prepare_cutout`.
+    """
     decoded = decode_fits(
         data,
         bands=tuple(spec.bands),

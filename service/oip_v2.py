@@ -29,6 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from service.cards import NUM_SAMPLES_INPUT, ModelCard
 from service.errors import (
@@ -65,6 +66,27 @@ _STATUS_BY_ERROR: dict[type[LensServeError], int] = {
     UnsupportedMediaTypeError: 415,
     InferenceError: 500,
     ModelUnavailableError: 503,
+}
+
+
+class OipErrorResponse(BaseModel):
+    """The protocol's error body."""
+
+    error: str
+
+
+#: Statuses the routes answer besides 200, documented so schema-driven clients expect them.
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": OipErrorResponse, "description": description}
+    for status, description in (
+        (400, "Malformed request or tensors."),
+        (401, "An API key is required and was missing or unknown."),
+        (404, "No such model or version."),
+        (413, "Body over the size limit."),
+        (415, "Unsupported content type."),
+        (500, "The model failed."),
+        (503, "Models not loaded, or at capacity (Retry-After)."),
+    )
 }
 
 
@@ -162,7 +184,12 @@ def create_oip_v2_router(
     server_version : str
         Version reported by ``GET /v2``.
     """
-    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"], route_class=_OipRoute)
+    router = APIRouter(
+        prefix="/v2",
+        tags=["Open Inference Protocol v2"],
+        route_class=_OipRoute,
+        responses=_ERROR_RESPONSES,
+    )
     default_feeds = {NUM_SAMPLES_INPUT: np.asarray(settings.default_samples, dtype=np.int32)}
 
     def card_for(name: str, version: str | None) -> ModelCard:

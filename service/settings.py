@@ -7,12 +7,13 @@ inject their own.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.fits_codec import DEFAULT_LIMITS
 
@@ -33,8 +34,13 @@ def available_cores() -> int:
 class Settings(BaseSettings):
     """Configuration of one lensserve process; every field reads ``LENSSERVE_<FIELD>``."""
 
+    # Inputs stay out of validation errors: one of them may be an API key.
     model_config = SettingsConfigDict(
-        env_prefix="LENSSERVE_", extra="ignore", frozen=True, use_attribute_docstrings=True
+        env_prefix="LENSSERVE_",
+        extra="ignore",
+        frozen=True,
+        use_attribute_docstrings=True,
+        hide_input_in_errors=True,
     )
 
     models_dir: Path = DEFAULT_MODELS_DIR
@@ -49,8 +55,17 @@ class Settings(BaseSettings):
     core. With several uvicorn workers, ``lensserve serve`` divides the cores among them."""
 
     decode_threads: int = Field(default=0, ge=0, le=1024)
-    """Threads that decode and preprocess FITS files off the event loop (count); 0 means
-    one per available core."""
+    """Threads, or worker processes with ``decode_isolation=process``, that decode and
+    preprocess FITS files off the event loop (count); 0 means one per available core."""
+
+    decode_isolation: Literal["process", "thread"] = "process"
+    """Where FITS files are decoded: ``process`` runs them in worker processes, so a crash in
+    astropy's native code (tile decompression, wcslib) loses one file, not the server;
+    ``thread`` runs them in this process (no unit)."""
+
+    decode_worker_max_bytes: int = Field(default=2 * 1024 * MiB, ge=256 * MiB)
+    """Address-space limit of each decode worker process; past it the file fails with a
+    400 (bytes)."""
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     """Largest number of cutouts merged into one onnxruntime call (cutouts)."""
@@ -98,6 +113,52 @@ class Settings(BaseSettings):
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Verbosity of the ``lensserve`` loggers and of uvicorn (level name)."""
+
+    max_concurrent_requests: int = Field(default=32, ge=1)
+    """POST requests under ``/v1`` and ``/v2`` handled at once; more are refused with 503
+    ``overloaded`` before their body is read, which bounds the memory bodies can take to
+    about this times ``max_body_bytes`` (requests)."""
+
+    request_timeout_s: float = Field(default=60.0, gt=0.0, le=3600.0)
+    """Longest time a request under ``/v1`` or ``/v2`` may take from its first byte to its
+    answer: a body still arriving is then refused with 408, work still waiting with 503
+    (seconds)."""
+
+    shutdown_grace_s: float = Field(default=2.0, ge=0.0, le=300.0)
+    """After SIGTERM, how long ``/health/ready`` answers 503 while requests are still
+    accepted, so load balancers stop sending new ones before the port closes (seconds)."""
+
+    drain_timeout_s: int = Field(default=30, ge=1, le=3600)
+    """After the port closes, how long requests in flight may take to finish before the
+    process exits anyway (seconds)."""
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Keys that open ``/v1/*`` and ``/v2/*`` (``Authorization: Bearer <key>`` or
+    ``X-API-Key``), comma-separated or a JSON list; none means no key is needed (secrets)."""
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Browser origins allowed to call the API cross-origin, comma-separated or a JSON
+    list; none by default (origins, e.g. ``https://lenses.example.org``)."""
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: object) -> object:
+        """Accept ``a,b`` as well as ``["a", "b"]`` from the environment."""
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        for key in keys:
+            # The value itself never goes into the message: it is a secret.
+            if len(key.get_secret_value()) < 16 or not key.get_secret_value().isprintable():
+                raise ValueError("every API key must be at least 16 printable characters")
+        return keys
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Self:
