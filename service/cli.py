@@ -210,6 +210,7 @@ def _predict(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
         progress=not args.no_progress,
+        checkpoint_s=args.checkpoint_s,
     )
 
 
@@ -254,6 +255,13 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
         "--samples", type=_positive_int, default=None, help="MC-dropout samples per cutout"
     )
     parser.add_argument("--seed", type=int, default=None, help="reproducible MC-dropout draws")
+    parser.add_argument(
+        "--checkpoint-s",
+        type=float,
+        default=1.0,
+        help="longest time between two rewrites of --out, in seconds; 0 rewrites it after "
+        "every file (default: %(default)s)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_predict)
 

@@ -229,6 +229,7 @@ def predict_command(
     samples: int | None = None,
     seed: int | None = None,
     progress: bool = True,
+    checkpoint_s: float = 1.0,
 ) -> int:
     """Run ``lensserve predict`` and report on stderr; returns the exit status."""
     try:
@@ -251,7 +252,14 @@ def predict_command(
         samples=samples,
         seed=seed,
     ) as client:
-        summary = run_predict(paths, client=client, out=out, resume=resume, progress=progress)
+        summary = run_predict(
+            paths,
+            client=client,
+            out=out,
+            resume=resume,
+            progress=progress,
+            checkpoint_s=checkpoint_s,
+        )
     print(
         f"lensserve predict: {summary.total} files: {summary.succeeded} predicted, "
         f"{summary.skipped} already in {out}, {len(summary.failures)} failed; "
