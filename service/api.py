@@ -15,6 +15,7 @@ Endpoints
     ``GET /health/live``   the process answers.
     ``GET /health/ready``  200 once the models are loaded and warmed up.
     ``GET /metrics``       Prometheus metrics.
+    ``GET /``              the browser demo; ``POST /v1/cutout`` its pixels (:mod:`service.demo`).
     ``/v2/...``            Open Inference Protocol v2 (:mod:`service.oip_v2`).
 
 Each process keeps its own metrics registry: with ``--workers N`` every worker
@@ -50,6 +51,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batching import BatchStats
+from service.demo import create_demo_router
 from service.errors import (
     BandMismatchError,
     CutoutTooSmallError,
@@ -625,6 +627,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings=settings,
             is_ready=lambda: state.ready,
             server_version=app.version,
+        )
+    )
+
+    app.include_router(
+        create_demo_router(
+            models=lambda: runtime.models,
+            limits=state.limits,
+            max_body_bytes=settings.max_body_bytes,
+            require_ready=state.require_ready,
         )
     )
 
