@@ -223,13 +223,17 @@ def _error_of(response: httpx.Response) -> ErrorInfo:
         return ErrorInfo(f"http_{response.status_code}", response.text[:500] or "no body")
 
 
+def _failed(paths: Sequence[str], error: ErrorInfo) -> list[LensPrediction]:
+    """The same error for every path."""
+    return [LensPrediction(path=p, filename=Path(p).name, error=error) for p in paths]
+
+
 def _decode_response(paths: Sequence[str], response: httpx.Response) -> list[LensPrediction]:
     """One prediction per path from a final (non-retried) answer to a batch."""
-    names = [Path(p).name for p in paths]
     if response.status_code != 200:
         # A refused request (e.g. the single file of a batch is not FITS) fails all its files.
         error = _error_of(response)
-        return [LensPrediction(path=p, filename=n, error=error) for p, n in zip(paths, names)]
+        return _failed(paths, error)
     try:
         results = response.json()["results"]
         if len(results) != len(paths):
@@ -237,12 +241,11 @@ def _decode_response(paths: Sequence[str], response: httpx.Response) -> list[Len
         return [_decode_prediction(p, r) for p, r in zip(paths, results, strict=True)]
     except (ValueError, KeyError, TypeError) as exc:
         error = ErrorInfo(BAD_RESPONSE, f"the service's answer cannot be read: {exc}")
-        return [LensPrediction(path=p, filename=n, error=error) for p, n in zip(paths, names)]
+        return _failed(paths, error)
 
 
 def _gave_up(paths: Sequence[str], reason: str) -> list[LensPrediction]:
-    error = ErrorInfo(UNAVAILABLE, f"no answer after retries: {reason}")
-    return [LensPrediction(path=p, filename=Path(p).name, error=error) for p in paths]
+    return _failed(paths, ErrorInfo(UNAVAILABLE, f"no answer after retries: {reason}"))
 
 
 @dataclass(frozen=True)
@@ -369,9 +372,9 @@ class LensClient:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield from future.result()
-                    batch = next(queue, None)
-                    if batch is not None:
-                        pending.add(pool.submit(self.predict_batch, batch))
+                    following = next(queue, None)
+                    if following is not None:
+                        pending.add(pool.submit(self.predict_batch, following))
 
     def predict_batch(self, paths: Sequence[str]) -> list[LensPrediction]:
         """Send one multipart request for ``paths`` (retrying) and decode its answer."""
@@ -474,9 +477,9 @@ class AsyncLensClient:
                 for task in done:
                     for prediction in task.result():
                         yield prediction
-                    batch = next(queue, None)
-                    if batch is not None:
-                        pending.add(asyncio.create_task(self.predict_batch(batch)))
+                    following = next(queue, None)
+                    if following is not None:
+                        pending.add(asyncio.create_task(self.predict_batch(following)))
         finally:
             for task in pending:
                 task.cancel()

@@ -5,10 +5,11 @@ has one row per input file, keyed by ``filename`` (the path as given):
 position, lens probability, the SIE parameters, the theta_E distribution,
 and ``error_code``/``error`` for a file that failed.
 
-The table is rewritten atomically (temporary file, then rename) at most every
-``checkpoint_s`` seconds and at the end, so a killed run leaves a valid table
-of the files finished so far; ``--resume`` keeps its successful rows, skips
-those files and sends the rest, failed ones included.
+The table is rewritten atomically (temporary file, then rename) when a file
+finishes at least ``checkpoint_s`` seconds after the last rewrite, and at the
+end, so a killed run leaves a valid table of most of the files finished;
+``--resume`` keeps its successful rows, skips those files and sends the rest,
+failed ones included.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ FLOAT_COLUMNS: tuple[tuple[str, str | None], ...] = (
     *((f"theta_E_q{key.replace('.', '_')}", "arcsec") for key in QUANTILE_KEYS),
 )
 STRING_COLUMNS = ("warnings", "error_code", "error")
+#: Files a folder given on the command line contributes.
+FITS_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fits.fz")
 
 
 @dataclass(frozen=True)
@@ -207,9 +210,7 @@ def expand_inputs(items: Sequence[str]) -> list[str]:
     for item in items:
         folder = Path(item)
         if folder.is_dir():
-            found = sorted(
-                p for p in folder.iterdir() if p.name.lower().endswith((".fits", ".fits.gz", ".fit"))
-            )
+            found = sorted(p for p in folder.iterdir() if p.name.lower().endswith(FITS_SUFFIXES))
             paths.extend(str(p) for p in found)
         else:
             paths.append(item)

@@ -19,8 +19,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from email.utils import format_datetime
 from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 from pathlib import Path
 
 import httpx
@@ -148,7 +148,9 @@ def _lensserve(*args: str) -> subprocess.Popen[str]:
 def _assert_rows_match(table: Table, direct_answers: dict[str, dict]) -> None:
     for row in table:
         answer = direct_answers[Path(str(row["filename"])).name]
-        np.testing.assert_allclose(row["lens_probability"], answer["lens_probability"], atol=TOLERANCE)
+        np.testing.assert_allclose(
+            row["lens_probability"], answer["lens_probability"], atol=TOLERANCE
+        )
         np.testing.assert_allclose(row["theta_E"], answer["parameters"]["theta_E"], atol=TOLERANCE)
         np.testing.assert_allclose(row["ra"], answer["wcs"]["ra"], atol=1e-9)
 
@@ -156,8 +158,18 @@ def _assert_rows_match(table: Table, direct_answers: dict[str, dict]) -> None:
 def test_lensserve_predict_writes_one_row_per_sample(live_server, direct_answers, tmp_path):
     out = tmp_path / "r.csv"
     paths = [str(p) for p in CLEAN_SAMPLES]
-    process = _lensserve("predict", *paths, "--url", live_server, "--out", str(out),
-                         "--files-per-request", "5", "--concurrency", "2")
+    process = _lensserve(
+        "predict",
+        *paths,
+        "--url",
+        live_server,
+        "--out",
+        str(out),
+        "--files-per-request",
+        "5",
+        "--concurrency",
+        "2",
+    )
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
     assert "12 files: 12 predicted, 0 already" in stderr
@@ -174,7 +186,11 @@ def test_every_table_format_reads_back(live_server, direct_answers, tmp_path, su
     out = tmp_path / f"r{suffix}"
     with LensClient(live_server, files_per_request=12) as client:
         summary = run_predict(
-            [str(p) for p in CLEAN_SAMPLES[:3]], client=client, out=out, resume=False, progress=False
+            [str(p) for p in CLEAN_SAMPLES[:3]],
+            client=client,
+            out=out,
+            resume=False,
+            progress=False,
         )
     assert summary.succeeded == 3 and not summary.failures
     table = Table.read(out)
@@ -188,8 +204,17 @@ def test_a_killed_run_resumes_with_each_file_once(live_server, tmp_path):
     proxy = Proxy(live_server, hold_after=6)
     out = tmp_path / "r.csv"
     paths = [str(p) for p in CLEAN_SAMPLES]
-    common = ["--out", str(out), "--files-per-request", "1", "--concurrency", "1",
-              "--checkpoint-s", "0", "--no-progress"]
+    common = [
+        "--out",
+        str(out),
+        "--files-per-request",
+        "1",
+        "--concurrency",
+        "1",
+        "--checkpoint-s",
+        "0",
+        "--no-progress",
+    ]
     with serve_in_thread(proxy.app()) as url:
         first = _lensserve("predict", *paths, "--url", url, *common)
         try:
@@ -226,7 +251,9 @@ def test_503s_are_retried_and_no_file_is_lost(live_server, direct_answers):
     assert all(p.ok for p in predictions)
     for prediction in predictions:
         answer = direct_answers[prediction.filename]
-        assert prediction.lens_probability == pytest.approx(answer["lens_probability"], abs=TOLERANCE)
+        assert prediction.lens_probability == pytest.approx(
+            answer["lens_probability"], abs=TOLERANCE
+        )
         assert prediction.parameters is not None
         assert prediction.parameters.theta_E == pytest.approx(
             answer["parameters"]["theta_E"], abs=TOLERANCE
@@ -251,7 +278,9 @@ def test_the_async_client_retries_the_same_way(live_server, direct_answers):
         assert prediction.einstein_radius is not None
         assert len(prediction.einstein_radius.samples or ()) > 1
         answer = direct_answers[prediction.filename]
-        assert prediction.lens_probability == pytest.approx(answer["lens_probability"], abs=TOLERANCE)
+        assert prediction.lens_probability == pytest.approx(
+            answer["lens_probability"], abs=TOLERANCE
+        )
 
 
 def test_a_service_that_never_answers_gives_every_file_an_error(tmp_path):
@@ -270,8 +299,16 @@ def test_failures_are_listed_and_the_exit_code_is_1(live_server, tmp_path):
     bad = tmp_path / "notes.fits"
     bad.write_text("not a FITS file")
     out = tmp_path / "r.ecsv"
-    process = _lensserve("predict", str(CLEAN_SAMPLES[0]), str(bad), "--url", live_server,
-                         "--out", str(out), "--no-progress")
+    process = _lensserve(
+        "predict",
+        str(CLEAN_SAMPLES[0]),
+        str(bad),
+        "--url",
+        live_server,
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1
     assert f"{bad}: invalid_fits:" in stderr
