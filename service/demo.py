@@ -55,9 +55,10 @@ def decode_pixels(
         pixel_scale_arcsec=spec.pixel_scale_arcsec,
         limits=limits,
     )
-    pixels = decoded.pixels.astype(np.float64)
+    pixels = decoded.pixels.astype(object)
     # JSON has no NaN: masked pixels travel as null.
-    values = np.where(np.isfinite(pixels), pixels, None).tolist()
+    pixels[~np.isfinite(decoded.pixels)] = None
+    values = pixels.tolist()
     return CutoutPixels(
         filename=filename,
         bands=list(spec.bands),

@@ -1,0 +1,161 @@
+"""The demo page at ``/``, end to end in headless Chromium against a real server.
+
+Debian's ``chromium`` is driven by Playwright (``executable_path``; Playwright's
+own browser download is never used). Where Chromium is missing and the tests
+run as root with apt-get, the fixture installs it; otherwise the tests are
+skipped with the reason printed. The page's numbers are compared with the
+same server's direct answer for the same files; the screenshot of the run is
+saved to ``docs/demo.png`` for the README.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO.parent / "shared" / "samples" / "clean"
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOT = REPO / "docs" / "demo.png"
+#: Two lenses with large Einstein radii and a plain galaxy (truth.csv), for a telling screenshot.
+SHOWN = [SAMPLES / name for name in ("00007.fits", "00001.fits", "00003.fits")]
+#: The page shows the probability with 3 decimals and theta_E with 2; data-value holds the
+#: JSON number itself.
+TOLERANCE = 1e-12
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not all(p.exists() for p in SHOWN), reason="shared samples missing"),
+]
+
+
+def _install_chromium() -> str | None:
+    """Install Debian's chromium if it is missing; the reason it cannot be, or None."""
+    if CHROMIUM.exists():
+        return None
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return f"{CHROMIUM} is missing and cannot be installed here (needs root and apt-get)"
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            return f"{' '.join(command)} failed: {result.stderr.strip()[-500:]}"
+    return None if CHROMIUM.exists() else f"apt-get installed chromium but {CHROMIUM} is missing"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """A headless Debian Chromium under Playwright, or a skip with the reason printed."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "playwright is not installed: pip install 'lensserve[test]'"
+        print(f"SKIP demo page tests: {reason}")
+        pytest.skip(reason)
+    reason = _install_chromium()
+    if reason is not None:
+        print(f"SKIP demo page tests: {reason}")
+        pytest.skip(reason)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"]
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, live_server):  # type: ignore[no-untyped-def]
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(live_server + "/")
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def _direct_answers(url: str, paths: list[Path]) -> dict[str, dict]:
+    files = [("files", (p.name, p.read_bytes(), "application/fits")) for p in paths]
+    response = httpx.post(f"{url}/v1/predict", files=files, timeout=120)
+    response.raise_for_status()
+    return {r["filename"]: r for r in response.json()["results"]}
+
+
+def test_the_page_shows_the_apis_answers_and_a_gallery(page, live_server, tmp_path):
+    bad = tmp_path / "notes.fits"
+    bad.write_text("not a FITS file")
+    answers = _direct_answers(live_server, SHOWN)
+
+    page.set_input_files("#files", [str(p) for p in [*SHOWN, bad]])
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+
+    cards = page.locator(".card")
+    assert cards.count() == 4
+    shown = page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.filename)")
+    expected_order = sorted(answers, key=lambda n: -answers[n]["lens_probability"])
+    assert shown == [*expected_order, "notes.fits"]  # by probability; the failed file last
+
+    for name, answer in answers.items():
+        card = page.locator(f'.card[data-filename="{name}"]')
+        probability = card.locator(".prob")
+        theta = card.locator(".theta")
+        assert probability.inner_text() == f"{answer['lens_probability']:.3f}"
+        assert theta.inner_text() == f"{answer['parameters']['theta_E']:.2f}″"
+        np.testing.assert_allclose(
+            float(probability.get_attribute("data-value") or "nan"),
+            answer["lens_probability"],
+            atol=TOLERANCE,
+        )
+        np.testing.assert_allclose(
+            float(theta.get_attribute("data-value") or "nan"),
+            answer["parameters"]["theta_E"],
+            atol=TOLERANCE,
+        )
+        assert card.locator(".ci68").inner_text().startswith("[")
+        assert card.locator("canvas.histogram").count() == 1
+        # The composite is drawn: most of its pixels are not black.
+        lit = card.locator("canvas.composite").evaluate(
+            """c => {
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0;
+                for (let k = 0; k < d.length; k += 4) if (d[k] + d[k + 1] + d[k + 2] > 30) n++;
+                return n / (d.length / 4);
+            }"""
+        )
+        assert lit > 0.2, f"{name}: only {lit:.0%} of the composite is lit"
+
+    error = page.locator('.card.error[data-filename="notes.fits"]').inner_text()
+    assert "invalid_fits" in error
+    assert page.locator('a[href="/docs"]').count() == 1
+
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_the_cutout_endpoint_answers_the_decoded_pixels(live_server):
+    from astropy.io import fits
+
+    path = SHOWN[1]
+    response = httpx.post(
+        f"{live_server}/v1/cutout",
+        content=path.read_bytes(),
+        headers={"content-type": "application/fits", "x-filename": path.name},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["filename"] == path.name and body["bands"] == ["g", "r", "i"]
+    # The clean samples are (3, 64, 64) float32 cubes in g, r, i order (samples/README.md).
+    expected = fits.getdata(path).astype(np.float64)
+    np.testing.assert_allclose(np.array(body["pixels"], dtype=np.float64), expected, rtol=1e-7)
+    refused = httpx.post(f"{live_server}/v1/cutout", content=b"nope", timeout=60)
+    assert refused.status_code == 400
+    assert refused.json()["error"]["code"] == "invalid_fits"
