@@ -165,10 +165,12 @@ function drawComposite(canvas, cutout, parameters) {
   const row = (n - 1) / 2 + parameters.center_y / scale;
   const x = (col + 0.5) * DISPLAY_SCALE;
   const y = (n - 1 - row + 0.5) * DISPLAY_SCALE;
+  const r = (parameters.theta_E / scale) * DISPLAY_SCALE;
+  canvas.dataset.circle = [x, y, r].map((v) => v.toFixed(2)).join(",");
   ctx.strokeStyle = "#ffe14d";
-  ctx.lineWidth = 1.5;
+  ctx.lineWidth = 2; // wide enough to cover whole pixels, so its colour shows unblended
   ctx.beginPath();
-  ctx.arc(x, y, (parameters.theta_E / scale) * DISPLAY_SCALE, 0, 2 * Math.PI);
+  ctx.arc(x, y, r, 0, 2 * Math.PI);
   ctx.stroke();
   ctx.beginPath();
   ctx.moveTo(x - 4, y); ctx.lineTo(x + 4, y); ctx.moveTo(x, y - 4); ctx.lineTo(x, y + 4);

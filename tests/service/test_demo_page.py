@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from astropy.io import fits
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO.parent / "shared" / "samples" / "clean"
@@ -29,6 +30,10 @@ SHOWN = [SAMPLES / name for name in ("00007.fits", "00001.fits", "00003.fits")]
 #: The page shows the probability with 3 decimals and theta_E with 2; data-value holds the
 #: JSON number itself.
 TOLERANCE = 1e-12
+#: Geometry of the shipped models' input (models/*.json) and of the page (demo.js).
+CUTOUT_PIXELS = 64
+PIXEL_SCALE_ARCSEC = 0.263
+DISPLAY_SCALE = 4
 
 pytestmark = [
     pytest.mark.slow,
@@ -136,13 +141,59 @@ def test_the_page_shows_the_apis_answers_and_a_gallery(page, live_server, tmp_pa
     assert "invalid_fits" in error
     assert page.locator('a[href="/docs"]').count() == 1
 
+    for name, answer in answers.items():
+        _assert_circle_at_the_predicted_centre(page, name, answer["parameters"])
+
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
 
 
-def test_the_cutout_endpoint_answers_the_decoded_pixels(live_server):
-    from astropy.io import fits
+def _assert_circle_at_the_predicted_centre(page, name: str, parameters: dict) -> None:  # type: ignore[no-untyped-def]
+    """The circle's screen centre and radius follow from the API's parameters, and it is drawn."""
+    canvas = page.locator(f'.card[data-filename="{name}"] canvas.composite')
+    x, y, r = (float(v) for v in (canvas.get_attribute("data-circle") or "").split(","))
+    # Cutout centre at pixel (n-1)/2; x grows with column, y with row; row 0 drawn at the bottom.
+    column = (CUTOUT_PIXELS - 1) / 2 + parameters["center_x"] / PIXEL_SCALE_ARCSEC
+    row = (CUTOUT_PIXELS - 1) / 2 + parameters["center_y"] / PIXEL_SCALE_ARCSEC
+    np.testing.assert_allclose(x, (column + 0.5) * DISPLAY_SCALE, atol=0.01)
+    np.testing.assert_allclose(y, (CUTOUT_PIXELS - 1 - row + 0.5) * DISPLAY_SCALE, atol=0.01)
+    radius_px = parameters["theta_E"] / PIXEL_SCALE_ARCSEC * DISPLAY_SCALE
+    np.testing.assert_allclose(r, radius_px, atol=0.01)
+    # The 2-pixel stroke (#ffe14d) covers whole pixels where the circle crosses its top.
+    window = canvas.evaluate(
+        f"c => Array.from(c.getContext('2d').getImageData({round(x) - 2}, {round(y - r) - 2}, "
+        "5, 5).data)"
+    )
+    colours = {tuple(window[k : k + 3]) for k in range(0, len(window), 4)}
+    assert (0xFF, 0xE1, 0x4D) in colours, f"{name}: no circle stroke at the top"
 
+
+def test_fits_row_0_is_drawn_at_the_bottom(page, tmp_path):
+    """A white spot at row 10, column 50 of an astropy-written cube appears there, y upwards."""
+    rng = np.random.default_rng(7)
+    cube = rng.normal(0.0, 1.0, (3, CUTOUT_PIXELS, CUTOUT_PIXELS)).astype(np.float32)
+    cube[:, 10, 50] = 1000.0  # equal in g, r, i: white after the Lupton stretch
+    header = fits.Header()
+    header["BANDS"] = "g,r,i"
+    path = tmp_path / "spot.fits"
+    fits.PrimaryHDU(cube, header).writeto(path)
+
+    page.set_input_files("#files", [str(path)])
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+    white = page.locator("canvas.composite").evaluate(
+        """c => {
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const found = [];
+            for (let k = 0; k < d.length; k += 4)
+                if (d[k] > 250 && d[k + 1] > 250 && d[k + 2] > 250) found.push(k / 4);
+            return found.map((i) => [i % c.width, Math.floor(i / c.width)]);
+        }"""
+    )
+    cells = {(x // DISPLAY_SCALE, y // DISPLAY_SCALE) for x, y in white}
+    assert cells == {(50, CUTOUT_PIXELS - 1 - 10)}
+
+
+def test_the_cutout_endpoint_answers_the_decoded_pixels(live_server):
     path = SHOWN[1]
     response = httpx.post(
         f"{live_server}/v1/cutout",
