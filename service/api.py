@@ -636,6 +636,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             limits=state.limits,
             max_body_bytes=settings.max_body_bytes,
             require_ready=state.require_ready,
+            error_responses=_ERROR_RESPONSES,
         )
     )
 

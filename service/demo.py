@@ -12,7 +12,7 @@ needs no FITS reader.
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Header, Request
@@ -85,6 +85,7 @@ def create_demo_router(
     limits: FitsLimits,
     max_body_bytes: int,
     require_ready: Callable[[], None],
+    error_responses: dict[int | str, dict[str, Any]] | None = None,
 ) -> APIRouter:
     """Routes of the demo page and of the pixels it draws.
 
@@ -98,6 +99,8 @@ def create_demo_router(
         Largest body accepted (bytes).
     require_ready : callable
         Raises ``ModelUnavailableError`` while the models are not loaded.
+    error_responses : dict or None
+        OpenAPI description of the error answers, as ``/v1/predict`` documents them.
     """
     router = APIRouter()
 
@@ -116,6 +119,7 @@ def create_demo_router(
     @router.post(
         "/v1/cutout",
         response_model=CutoutPixels,
+        responses=error_responses,
         summary="Decoded pixels of one FITS cutout (for display)",
         openapi_extra={
             "requestBody": {
