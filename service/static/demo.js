@@ -37,8 +37,12 @@ async function handleFiles(files) {
 async function predict(files) {
   const form = new FormData();
   for (const f of files) form.append("files", f, f.name);
+  // The page's own ?seed=N (optional) makes the MC-dropout answers reproducible.
+  const query = new URLSearchParams({ include_samples: "true" });
+  const seed = new URLSearchParams(location.search).get("seed");
+  if (seed !== null) query.set("seed", seed);
   try {
-    const response = await fetch("/v1/predict?include_samples=true", { method: "POST", body: form });
+    const response = await fetch(`/v1/predict?${query}`, { method: "POST", body: form });
     const body = await response.json();
     if (response.ok) return body.results;
     const error = body.error || { code: `http_${response.status}`, message: response.statusText };

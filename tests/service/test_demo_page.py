@@ -30,6 +30,8 @@ SHOWN = [SAMPLES / name for name in ("00007.fits", "00001.fits", "00003.fits")]
 #: The page shows the probability with 3 decimals and theta_E with 2; data-value holds the
 #: JSON number itself.
 TOLERANCE = 1e-12
+#: Seed of the MC-dropout draws, so the page and the direct call draw the same samples.
+SEED = 20240611
 #: Geometry of the shipped models' input (models/*.json) and of the page (demo.js).
 CUTOUT_PIXELS = 64
 PIXEL_SCALE_ARCSEC = 0.263
@@ -88,8 +90,10 @@ def page(browser, live_server):  # type: ignore[no-untyped-def]
 
 
 def _direct_answers(url: str, paths: list[Path]) -> dict[str, dict]:
+    """The server's seeded answer to the same files in the same order as the page sends them."""
     files = [("files", (p.name, p.read_bytes(), "application/fits")) for p in paths]
-    response = httpx.post(f"{url}/v1/predict", files=files, timeout=120)
+    params = {"seed": SEED, "include_samples": "true"}
+    response = httpx.post(f"{url}/v1/predict", files=files, params=params, timeout=120)
     response.raise_for_status()
     return {r["filename"]: r for r in response.json()["results"]}
 
@@ -97,9 +101,12 @@ def _direct_answers(url: str, paths: list[Path]) -> dict[str, dict]:
 def test_the_page_shows_the_apis_answers_and_a_gallery(page, live_server, tmp_path):
     bad = tmp_path / "notes.fits"
     bad.write_text("not a FITS file")
-    answers = _direct_answers(live_server, SHOWN)
+    uploads = [*SHOWN, bad]
+    answers = _direct_answers(live_server, uploads)
+    del answers[bad.name]
 
-    page.set_input_files("#files", [str(p) for p in [*SHOWN, bad]])
+    page.goto(f"{live_server}/?seed={SEED}")
+    page.set_input_files("#files", [str(p) for p in uploads])
     page.wait_for_selector("body[data-state=done]", timeout=60_000)
 
     cards = page.locator(".card")
@@ -124,7 +131,10 @@ def test_the_page_shows_the_apis_answers_and_a_gallery(page, live_server, tmp_pa
             answer["parameters"]["theta_E"],
             atol=TOLERANCE,
         )
-        assert card.locator(".ci68").inner_text().startswith("[")
+        # Seeded: the page's MC-dropout intervals are the API's (quantiles 0.16/0.84, 0.025/0.975).
+        q = answer["einstein_radius"]["quantiles"]
+        assert card.locator(".ci68").inner_text() == f"[{q['0.16']:.2f}, {q['0.84']:.2f}]″"
+        assert card.locator(".ci95").inner_text() == f"[{q['0.025']:.2f}, {q['0.975']:.2f}]″"
         assert card.locator("canvas.histogram").count() == 1
         # The composite is drawn: most of its pixels are not black.
         lit = card.locator("canvas.composite").evaluate(
