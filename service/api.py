@@ -15,6 +15,7 @@ Endpoints
     ``GET /health/live``   the process answers.
     ``GET /health/ready``  200 once the models are loaded and warmed up.
     ``GET /metrics``       Prometheus metrics.
+    ``GET /``              the browser demo; ``POST /v1/cutout`` its pixels (:mod:`service.demo`).
     ``/v2/...``            Open Inference Protocol v2 (:mod:`service.oip_v2`).
 
 Everything under ``/v1`` and ``/v2`` passes the guards of :mod:`service.guards`
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,6 +56,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batching import BatchStats
+from service.demo import create_demo_router
 from service.draining import drain_on_sigterm
 from service.errors import (
     BandMismatchError,
@@ -102,6 +104,7 @@ from service.schemas import (
 from service.settings import Settings
 
 logger = logging.getLogger("lensserve.api")
+ResultT = TypeVar("ResultT")
 
 #: Media types of a raw FITS body.
 RAW_FITS_MEDIA_TYPES = ("application/fits", "image/fits", "application/octet-stream")
@@ -427,6 +430,13 @@ async def _read_uploads(request: Request, settings: Settings) -> list[_Upload]:
     )
 
 
+async def _run_decode(call: Callable[[], ResultT], *, state: _AppState) -> ResultT:
+    """Run a decode of untrusted bytes in a worker process (or the decode threads)."""
+    if state.decoder is not None:
+        return await state.decoder.run(call)
+    return await asyncio.get_running_loop().run_in_executor(state.executor, call)
+
+
 async def _prepare_upload(upload: _Upload, *, state: _AppState) -> PreparedCutout | LensServeError:
     """Decode and preprocess one file in a worker process or thread; errors are returned."""
     call = partial(
@@ -438,9 +448,7 @@ async def _prepare_upload(upload: _Upload, *, state: _AppState) -> PreparedCutou
         content_encoding=upload.content_encoding,
     )
     try:
-        if state.decoder is not None:
-            return await state.decoder.run(call)
-        return await asyncio.get_running_loop().run_in_executor(state.executor, call)
+        return await _run_decode(call, state=state)
     except LensServeError as exc:
         return exc
     except Exception as exc:  # a file the codec did not foresee must not take the request down
@@ -723,6 +731,17 @@ def create_app(
             settings=settings,
             is_ready=lambda: state.ready and not state.draining,
             server_version=app.version,
+        )
+    )
+
+    app.include_router(
+        create_demo_router(
+            models=lambda: runtime.models,
+            limits=state.limits,
+            max_body_bytes=settings.max_body_bytes,
+            require_ready=state.require_ready,
+            run_decode=partial(_run_decode, state=state),
+            error_responses=_ERROR_RESPONSES,
         )
     )
 

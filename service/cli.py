@@ -196,6 +196,78 @@ def _add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_batch)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    """Send FITS files to a running service and write one table row per file."""
+    from service.predict_command import predict_command
+
+    return predict_command(
+        args.inputs,
+        url=args.url,
+        out=args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        files_per_request=args.files_per_request,
+        concurrency=args.concurrency,
+        max_retries=args.max_retries,
+        samples=args.samples,
+        seed=args.seed,
+        progress=not args.no_progress,
+        checkpoint_s=args.checkpoint_s,
+    )
+
+
+def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="send FITS files to a running service and write a table",
+        description="POST the files to URL/v1/predict in batches, with retries on 503/429 "
+        "and connection errors, and write one row per file (predictions or error). "
+        "Exits 1 if any file failed, listing the failures.",
+    )
+    parser.add_argument("inputs", nargs="+", help="FITS files or folders of them")
+    parser.add_argument(
+        "--url", default="http://127.0.0.1:8000", help="service base URL (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output table: .csv, .ecsv, .fits or .vot"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="keep --out's successful rows and skip their files"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--files-per-request",
+        type=_positive_int,
+        default=16,
+        help="files per multipart request (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=4,
+        help="requests in flight at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-retries",
+        type=int,
+        default=8,
+        help="retries per request on 503/429/connection errors (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--samples", type=_positive_int, default=None, help="MC-dropout samples per cutout"
+    )
+    parser.add_argument("--seed", type=int, default=None, help="reproducible MC-dropout draws")
+    parser.add_argument(
+        "--checkpoint-s",
+        type=float,
+        default=1.0,
+        help="longest time between two rewrites of --out, in seconds; 0 rewrites it after "
+        "every file (default: %(default)s)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -205,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve_parser(subparsers)
     _add_batch_parser(subparsers)
+    _add_predict_parser(subparsers)
     return parser
 
 

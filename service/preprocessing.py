@@ -42,6 +42,11 @@ def _robust_sigma(values: NDArray[np.float64]) -> float:
     return float(1.4826 * np.median(np.abs(finite - np.median(finite))))
 
 
+def _neighbour_sum(padded: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Sum of the 4-neighbours of each pixel of a (bands, ny+2, nx+2) padded stack."""
+    return padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+
+
 def _fill_masked(data: NDArray[np.float64]) -> NDArray[np.float64]:
     """Masked (non-finite) pixels take the mean of their finite 4-neighbours.
 
@@ -57,8 +62,7 @@ def _fill_masked(data: NDArray[np.float64]) -> NDArray[np.float64]:
     for _ in range(sum(data.shape[1:])):
         values = np.pad(np.where(known, filled, 0.0), ((0, 0), (1, 1), (1, 1)))
         counts = np.pad(known.astype(np.float64), ((0, 0), (1, 1), (1, 1)))
-        total = values[:, :-2, 1:-1] + values[:, 2:, 1:-1] + values[:, 1:-1, :-2] + values[:, 1:-1, 2:]
-        count = counts[:, :-2, 1:-1] + counts[:, 2:, 1:-1] + counts[:, 1:-1, :-2] + counts[:, 1:-1, 2:]
+        total, count = _neighbour_sum(values), _neighbour_sum(counts)
         grow = ~known & (count > 0)
         if not grow.any():
             break

@@ -1,0 +1,160 @@
+"""The browser demo: the page at ``/``, its static files, and the pixels it draws.
+
+The page (``service/static/``: plain HTML, JS and CSS, nothing fetched from
+elsewhere) posts files to ``/v1/predict`` and draws each cutout from
+``POST /v1/cutout``, which answers the g, r, i pixels exactly as the service
+decoded them for the models (any accepted layout: cubes, one HDU per band,
+tile-compressed, scaled integers, gzip; larger images centre-cropped). The
+colour composite is therefore of the pixels the models saw, and the browser
+needs no FITS reader.
+"""
+
+from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+
+from service.cards import InputSpec, ModelSet
+from service.errors import PayloadTooLargeError
+from service.fits_codec import FitsLimits, decode_fits
+
+STATIC_DIR = Path(__file__).with_name("static")
+#: Files the page loads, with their media types; nothing else under static/ is served.
+STATIC_FILES = {
+    "demo.js": "text/javascript",
+    "demo.css": "text/css",
+}
+
+
+class CutoutPixels(BaseModel):
+    """Answer of `POST /v1/cutout`: one cutout's decoded pixels, for display."""
+
+    filename: str = Field(description="Name from the Content-Disposition header, or `body`.")
+    bands: list[str] = Field(description="Band of each plane of `pixels`, e.g. g, r, i.")
+    pixel_scale_arcsec: float = Field(description="Pixel scale (arcsec per pixel).")
+    pixels: list[list[list[float | None]]] = Field(
+        description="Linear fluxes in the file's unit, indexed [band][row][column]; row 0 is "
+        "the first FITS row (lowest y). Masked pixels are null."
+    )
+
+
+def decode_pixels(
+    data: bytes, *, filename: str, spec: InputSpec, limits: FitsLimits
+) -> CutoutPixels:
+    """Decode one FITS file as the models' input does, without preprocessing it."""
+    decoded = decode_fits(
+        data,
+        bands=tuple(spec.bands),
+        size_pixels=spec.image_shape[0],
+        pixel_scale_arcsec=spec.pixel_scale_arcsec,
+        limits=limits,
+    )
+    pixels = decoded.pixels.astype(object)
+    # JSON has no NaN: masked pixels travel as null.
+    pixels[~np.isfinite(decoded.pixels)] = None
+    values = pixels.tolist()
+    return CutoutPixels(
+        filename=filename,
+        bands=list(spec.bands),
+        pixel_scale_arcsec=spec.pixel_scale_arcsec,
+        pixels=values,
+    )
+
+
+async def _read_capped(request: Request, limit_bytes: int) -> bytes:
+    """The body, refused as soon as it passes ``limit_bytes``."""
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit_bytes:
+            raise PayloadTooLargeError(f"the body passed {limit_bytes} bytes, the most accepted")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_demo_router(
+    *,
+    models: Callable[[], ModelSet],
+    limits: FitsLimits,
+    max_body_bytes: int,
+    require_ready: Callable[[], None],
+    run_decode: Callable[[Callable[[], CutoutPixels]], Awaitable[CutoutPixels]],
+    error_responses: dict[int | str, dict[str, Any]] | None = None,
+) -> APIRouter:
+    """Routes of the demo page and of the pixels it draws.
+
+    Parameters
+    ----------
+    models : callable
+        Returns the loaded model cards (bands, cutout size, pixel scale).
+    limits : FitsLimits
+        The same decoding limits as ``/v1/predict``.
+    max_body_bytes : int
+        Largest body accepted (bytes).
+    require_ready : callable
+        Raises ``ModelUnavailableError`` while the models are not loaded.
+    run_decode : callable
+        Runs a decode call off the event loop, where ``/v1/predict`` decodes
+        untrusted files (a worker process by default).
+    error_responses : dict or None
+        OpenAPI description of the error answers, as ``/v1/predict`` documents them.
+    """
+    router = APIRouter()
+
+    @router.get("/", include_in_schema=False)
+    async def read_demo_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    for name, media_type in STATIC_FILES.items():
+        router.add_api_route(
+            f"/static/{name}",
+            _static_endpoint(STATIC_DIR / name, media_type),
+            methods=["GET"],
+            include_in_schema=False,
+        )
+
+    @router.post(
+        "/v1/cutout",
+        response_model=CutoutPixels,
+        responses=error_responses,
+        summary="Decoded pixels of one FITS cutout (for display)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/fits": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def read_cutout_pixels(
+        request: Request,
+        x_filename: Annotated[str | None, Header(description="Name reported back.")] = None,
+    ) -> CutoutPixels:
+        """The g, r, i pixels of one FITS file (raw body) as decoded for the models.
+
+        The demo page draws its colour composite from these; no prediction is made.
+        """
+        require_ready()
+        data = await _read_capped(request, max_body_bytes)
+        call = partial(
+            decode_pixels,
+            data,
+            filename=x_filename or "body",
+            spec=models().input,
+            limits=limits,
+        )
+        return await run_decode(call)
+
+    return router
+
+
+def _static_endpoint(path: Path, media_type: str) -> Callable[[], FileResponse]:
+    def read_static_file() -> FileResponse:
+        return FileResponse(path, media_type=media_type)
+
+    return read_static_file
