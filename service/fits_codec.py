@@ -802,16 +802,21 @@ def _centre_sky_position(
         if not any(key.startswith("CTYPE") for key in header):
             return None, None, []
         full = WCS(header)
-        celestial = full.celestial
+        # Building WCS objects and SkyCoords dominated decoding (about 2 ms of 3 per file):
+        # a 2-axis WCS is its own celestial part, and ICRS needs no frame transform.
+        celestial = full if full.naxis == 2 else full.celestial
         if not celestial.has_celestial:
             return None, None, []
         if {full.wcs.lng, full.wcs.lat} != {0, 1}:
             return None, None, ["ignored the WCS: its celestial axes are not the image axes"]
         scales_arcsec = [q.to_value(u.arcsec) for q in celestial.proj_plane_pixel_scales()]
-        sky = celestial.pixel_to_world(x, y)
-        icrs = sky.icrs if isinstance(sky, SkyCoord) else None
-        ra_deg = float(icrs.ra.deg) if icrs is not None else math.nan
-        dec_deg = float(icrs.dec.deg) if icrs is not None else math.nan
+        if celestial.wcs.radesys == "ICRS" and celestial.wcs.lng == 0:
+            ((ra_deg, dec_deg),) = celestial.all_pix2world([[x, y]], 0).tolist()
+        else:
+            sky = celestial.pixel_to_world(x, y)
+            icrs = sky.icrs if isinstance(sky, SkyCoord) else None
+            ra_deg = float(icrs.ra.deg) if icrs is not None else math.nan
+            dec_deg = float(icrs.dec.deg) if icrs is not None else math.nan
     except Exception as exc:  # wcslib and astropy raise many types on broken WCS keywords
         return None, None, [f"ignored the WCS: astropy could not use it ({_reason(exc)})"]
     if not all(math.isfinite(s) and s > 0 for s in scales_arcsec):
