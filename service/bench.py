@@ -138,7 +138,7 @@ def _prepare(
     names = [f"{i}.fits" for i in range(len(files))]
     if pool is None:
         return [prepare(data, filename=name) for data, name in zip(files, names, strict=True)]
-    return list(pool.map(lambda args: prepare(args[0], filename=args[1]), zip(files, names)))
+    return list(pool.map(lambda args: prepare(args[0], filename=args[1]), zip(files, names, strict=True)))
 
 
 def _rate(call: Callable[[], None], *, cutouts_per_call: int, duration_s: float) -> float:
