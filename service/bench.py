@@ -136,9 +136,10 @@ def _prepare(
     """Decode and preprocess ``files``, on ``pool`` when given (as the server does)."""
     prepare = partial(prepare_cutout, models=runtime.models, limits=DEFAULT_LIMITS)
     names = [f"{i}.fits" for i in range(len(files))]
+    jobs = [partial(prepare, data, filename=name) for data, name in zip(files, names, strict=True)]
     if pool is None:
-        return [prepare(data, filename=name) for data, name in zip(files, names, strict=True)]
-    return list(pool.map(lambda args: prepare(args[0], filename=args[1]), zip(files, names, strict=True)))
+        return [job() for job in jobs]
+    return list(pool.map(lambda job: job(), jobs))
 
 
 def _rate(call: Callable[[], None], *, cutouts_per_call: int, duration_s: float) -> float:
