@@ -801,13 +801,13 @@ def _centre_sky_position(
     try:
         if not any(key.startswith("CTYPE") for key in header):
             return None, None, []
-        full = WCS(header)
         # Building WCS objects and SkyCoords dominated decoding (about 2 ms of 3 per file):
-        # a 2-axis WCS is its own celestial part, and ICRS needs no frame transform.
-        celestial = full if full.naxis == 2 else full.celestial
+        # one WCS of the two image axes is all the answer needs (celestial axes elsewhere
+        # leave it without a longitude/latitude pair), and ICRS needs no frame transform.
+        celestial = WCS(header, naxis=2)
         if not celestial.has_celestial:
             return None, None, []
-        if {full.wcs.lng, full.wcs.lat} != {0, 1}:
+        if {celestial.wcs.lng, celestial.wcs.lat} != {0, 1}:
             return None, None, ["ignored the WCS: its celestial axes are not the image axes"]
         scales_arcsec = [q.to_value(u.arcsec) for q in celestial.proj_plane_pixel_scales()]
         if celestial.wcs.radesys == "ICRS" and celestial.wcs.lng == 0:
