@@ -8,7 +8,8 @@ DATA ?= data
 RUNS ?= runs
 TRAIN_CUTOUTS ?= 44000
 TEST_CUTOUTS ?= 6000
-BENCH_CUTOUTS ?= ../shared/samples/clean
+# Folder of FITS cutouts for `make bench`; empty: seeded noise cubes.
+BENCH_CUTOUTS ?=
 
 .PHONY: serve test lint models bench install-serve install-test install-train clean
 
@@ -50,7 +51,7 @@ models: $(VENV)/.train
 
 # Throughput table of issue 5 (docs/performance.md); needs wrk on PATH for the HTTP rows.
 bench: $(VENV)/.bench
-	$(BIN)/lensserve bench --cutouts $(BENCH_CUTOUTS)
+	$(BIN)/lensserve bench $(if $(BENCH_CUTOUTS),--cutouts $(BENCH_CUTOUTS))
 
 $(VENV)/.bench: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[bench]'
