@@ -8,6 +8,8 @@ DATA ?= data
 RUNS ?= runs
 TRAIN_CUTOUTS ?= 44000
 TEST_CUTOUTS ?= 6000
+# Folder of FITS cutouts for `make bench`; empty: seeded noise cubes.
+BENCH_CUTOUTS ?=
 
 .PHONY: serve test lint models bench loadtest install-serve install-test install-train clean
 
@@ -52,6 +54,14 @@ models: $(VENV)/.train
 	$(BIN)/python -m training train --data $(DATA)/train --runs $(RUNS)
 	$(BIN)/python -m training evaluate --data $(DATA)/test --runs $(RUNS)
 	$(BIN)/python -m training export --runs $(RUNS) --models models --data $(DATA)/train $(DATA)/test
+
+# Throughput table of issue 5 (docs/performance.md); needs wrk on PATH for the HTTP rows.
+bench: $(VENV)/.bench
+	$(BIN)/lensserve bench $(if $(BENCH_CUTOUTS),--cutouts $(BENCH_CUTOUTS))
+
+$(VENV)/.bench: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[bench]'
+	touch $@
 
 clean:
 	rm -rf $(DATA) $(RUNS) .pytest_cache .ruff_cache

@@ -268,6 +268,60 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_predict)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Measure the table of ``service.bench`` and print it."""
+    from service.bench import BenchConfig, format_report, run_bench
+    from service.settings import DEFAULT_MODELS_DIR
+
+    config = BenchConfig(
+        models_dir=args.models_dir or DEFAULT_MODELS_DIR,
+        cutouts_dir=args.cutouts,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_samples=args.samples,
+        concurrencies=tuple(args.concurrency),
+        duration_s=args.duration_s,
+        keras_cutouts=args.keras_cutouts,
+    )
+    report = run_bench(config, progress=lambda step: print(f"bench: {step}", file=sys.stderr))
+    print(format_report(report))
+    return 0
+
+
+def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="measure throughput in-process, over HTTP and against plain Keras",
+        description="Print cutouts/s and latency for the models in --models-dir, all rows "
+        "measured in one run. The HTTP rows need wrk; the Keras row needs the bench extra.",
+    )
+    parser.add_argument("--models-dir", type=Path, default=None, help="folder with the cards")
+    parser.add_argument(
+        "--cutouts",
+        type=Path,
+        default=None,
+        help="folder of FITS cutouts (default: synthesised noise cubes)",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="cutouts per batch")
+    parser.add_argument("--samples", type=_positive_int, default=100, help="MC samples/cutout")
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        nargs="+",
+        default=[1, 8, 64],
+        help="single-cutout clients for row (d) (default: 1 8 64)",
+    )
+    parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per row")
+    parser.add_argument(
+        "--keras-cutouts",
+        type=int,
+        default=20,
+        help="cutouts for the Keras row (e); 0 skips it (default: 20)",
+    )
+    parser.set_defaults(handler=_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(
@@ -278,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(subparsers)
     _add_batch_parser(subparsers)
     _add_predict_parser(subparsers)
+    _add_bench_parser(subparsers)
     return parser
 
 

@@ -56,7 +56,9 @@ class Settings(BaseSettings):
 
     decode_threads: int = Field(default=0, ge=0, le=1024)
     """Threads, or worker processes with ``decode_isolation=process``, that decode and
-    preprocess FITS files off the event loop (count); 0 means one per available core."""
+    preprocess FITS files off the event loop (count); 0 means one per available core. With
+    ``decode_isolation=thread`` use 1: astropy holds the GIL, and a second thread only
+    contends with the event loop (docs/performance.md)."""
 
     decode_isolation: Literal["process", "thread"] = "process"
     """Where FITS files are decoded: ``process`` runs them in worker processes, so a crash in

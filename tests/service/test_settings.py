@@ -30,7 +30,7 @@ def test_defaults_match_the_documented_service_contract():
     assert settings.default_samples == 100 and settings.max_samples == 1000
     assert settings.max_masked_fraction == 0.25
     assert settings.resolved_intra_op_threads == available_cores() >= 1
-    assert settings.resolved_decode_threads == available_cores()
+    assert settings.resolved_decode_threads == available_cores()  # worker processes
 
 
 def test_values_come_from_prefixed_environment_variables(monkeypatch, tmp_path):

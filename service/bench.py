@@ -1,0 +1,433 @@
+"""``lensserve bench``: throughput of the shipped models, in-process and over HTTP, in one run.
+
+Rows (all on the same cutouts, on the machine it runs on):
+
+(a) in-process onnxruntime, classifier + regressor, batch of ``batch_size``: the floor;
+(b) in-process full answer: decode, preprocess, all three models with ``num_samples``
+    MC passes, summaries and JSON, per batch of ``batch_size``;
+(c) HTTP: multipart requests of ``batch_size`` files to a real ``lensserve serve``;
+(d) HTTP: single-cutout requests at several concurrencies, with latency percentiles;
+(e) what a user would do without lensserve: the ``.keras`` models called with
+    ``model.predict`` once per cutout (needs the ``bench`` extra; TensorFlow is
+    imported only by :mod:`service.bench_keras`, only when this row runs).
+
+The HTTP load comes from ``wrk`` (C, epoll, one thread) so the client spends
+little of the server's CPU; its CPU time is measured and reported.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+from astropy.io import fits
+
+from service.cards import CLASSIFIER_NAME, REGRESSOR_NAME
+from service.fits_codec import DEFAULT_LIMITS
+from service.inference import PreparedCutout, predict_chunk, prepare_cutout
+from service.runtime import Device, OnnxModelRuntime
+from service.schemas import PredictResponse, encode_result
+from service.settings import available_cores
+
+#: wrk's script: POST one fixed body; print the figures as one JSON line when done.
+_WRK_SCRIPT = r"""
+wrk.method = "POST"
+local f = assert(io.open(os.getenv("LENSSERVE_BENCH_BODY"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("LENSSERVE_BENCH_CONTENT_TYPE")
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_JSON {"requests": %d, "errors": %d, "duration_us": %d, '
+    .. '"p50_us": %d, "p95_us": %d, "p99_us": %d}\n',
+    summary.requests, e.connect + e.read + e.write + e.status + e.timeout,
+    summary.duration, latency:percentile(50), latency:percentile(95),
+    latency:percentile(99)))
+end
+"""
+_BOUNDARY = "lensservebenchboundary"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What ``lensserve bench`` measures, and for how long."""
+
+    models_dir: Path
+    cutouts_dir: Path | None = None
+    """FITS cutouts to send (a folder); None synthesises ``batch_size`` noise cubes."""
+    device: Device = "cpu"
+    batch_size: int = 64
+    """Cutouts per in-process batch and per multipart request (cutouts)."""
+    num_samples: int = 100
+    """MC-dropout passes per cutout (samples)."""
+    concurrencies: tuple[int, ...] = (1, 8, 64)
+    """Concurrent single-cutout clients for row (d) (connections)."""
+    duration_s: float = 10.0
+    """How long each row runs (seconds)."""
+    keras_cutouts: int = 20
+    """Cutouts sent through the Keras baseline (e); 0 skips it (cutouts)."""
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One line of the table."""
+
+    name: str
+    cutouts_per_s: float
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    note: str = ""
+
+
+@dataclass
+class BenchReport:
+    """Every row plus where they were measured."""
+
+    rows: list[BenchRow] = field(default_factory=list)
+    provider: str = ""
+    cores: int = 0
+    server_peak_rss_mib: float | None = None
+    server_steady_rss_mib: float | None = None
+    client_cpu_fraction: float | None = None
+    """wrk's CPU time over the wall time of the HTTP rows (cores)."""
+
+    def rate(self, prefix: str) -> float | None:
+        """Cutouts/s of the first row whose name starts with ``prefix``."""
+        return next((r.cutouts_per_s for r in self.rows if r.name.startswith(prefix)), None)
+
+
+def load_cutout_bytes(config: BenchConfig) -> list[bytes]:
+    """``batch_size`` FITS files, cycling through ``cutouts_dir`` or synthesised."""
+    if config.cutouts_dir is not None:
+        files = sorted(config.cutouts_dir.glob("*.fits"))
+        if not files:
+            raise FileNotFoundError(f"no *.fits files in {config.cutouts_dir}")
+        return [files[i % len(files)].read_bytes() for i in range(config.batch_size)]
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(config.batch_size):
+        buffer = io.BytesIO()
+        fits.PrimaryHDU(rng.normal(10.0, 1.0, (3, 64, 64)).astype(np.float32)).writeto(buffer)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _prepare(runtime: OnnxModelRuntime, files: Sequence[bytes]) -> list[PreparedCutout]:
+    """Decode and preprocess ``files`` on this thread."""
+    return [
+        prepare_cutout(data, filename=f"{i}.fits", models=runtime.models, limits=DEFAULT_LIMITS)
+        for i, data in enumerate(files)
+    ]
+
+
+def _rate(call: Callable[[], None], *, cutouts_per_call: int, duration_s: float) -> float:
+    """Cutouts/s of ``call`` run back to back for ``duration_s`` (at least twice)."""
+    call()  # warm caches outside the timed window
+    calls = 0
+    started = time.perf_counter()
+    while calls < 2 or time.perf_counter() - started < duration_s:
+        call()
+        calls += 1
+    return calls * cutouts_per_call / (time.perf_counter() - started)
+
+
+def measure_floor(runtime: OnnxModelRuntime, images: np.ndarray, duration_s: float) -> float:
+    """(a): classifier + regressor on one batch, no decoding, no MC (cutouts/s)."""
+
+    def call() -> None:
+        runtime.run_model(CLASSIFIER_NAME, {"image": images})
+        runtime.run_model(REGRESSOR_NAME, {"image": images})
+
+    return _rate(call, cutouts_per_call=len(images), duration_s=duration_s)
+
+
+def measure_full_answer(
+    runtime: OnnxModelRuntime, files: Sequence[bytes], *, num_samples: int, duration_s: float
+) -> float:
+    """(b): FITS bytes to JSON answer in-process, one thread, per batch (cutouts/s).
+
+    One thread: decoding is mostly Python (astropy) under the GIL, and a thread pool
+    measured slower than a loop (191 vs 144 ms for 64 files on 2 cores).
+    """
+
+    def call() -> None:
+        prepared = _prepare(runtime, files)
+        outcomes = predict_chunk(runtime, prepared, num_samples=num_samples)
+        PredictResponse(
+            model_versions=runtime.models.versions,
+            results=[
+                encode_result(o, filename=c.filename)
+                for o, c in zip(outcomes, prepared, strict=True)
+            ],
+        ).model_dump_json()
+
+    return _rate(call, cutouts_per_call=len(files), duration_s=duration_s)
+
+
+def multipart_body(files: Sequence[bytes]) -> bytes:
+    """A ``multipart/form-data`` body with each file under the ``files`` field."""
+    parts = []
+    for i, data in enumerate(files):
+        head = (
+            f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="{i}.fits"\r\nContent-Type: application/fits\r\n\r\n'
+        )
+        parts.append(head.encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{_BOUNDARY}--\r\n".encode()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Server:
+    """A ``lensserve serve`` child process on a free port, with its RSS sampled."""
+
+    def __init__(self, config: BenchConfig) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {
+            **os.environ,
+            "LENSSERVE_DEVICE": config.device,
+            "LENSSERVE_MODELS_DIR": str(config.models_dir.resolve()),
+            "LENSSERVE_DEFAULT_SAMPLES": str(config.num_samples),
+            "LENSSERVE_MAX_FILES": str(max(config.batch_size, 256)),
+            "LENSSERVE_LOG_LEVEL": "warning",
+        }
+        command = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
+        self.process = subprocess.Popen([*command, "--no-access-log"], env=env)
+        self.rss_samples_mib: list[float] = []
+        self._stop = threading.Event()
+        self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
+
+    def _status_mib(self, key: str) -> float | None:
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024  # the kernel reports kB
+        except OSError:
+            return None
+        return None
+
+    def _sample_rss(self) -> None:
+        while not self._stop.wait(0.2):
+            rss = self._status_mib("VmRSS")
+            if rss is not None:
+                self.rss_samples_mib.append(rss)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"lensserve serve exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/health/ready", timeout=1.0).status_code == 200:
+                    self._sampler.start()
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"lensserve serve was not ready within {timeout_s} s")
+
+    def peak_rss_mib(self) -> float | None:
+        return self._status_mib("VmHWM")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def run_wrk(
+    url: str, body: bytes, *, connections: int, duration_s: float, workdir: Path
+) -> dict[str, float]:
+    """POST ``body`` with ``connections`` keep-alive clients for ``duration_s``; wrk's figures."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("the HTTP rows need wrk on PATH (Debian/Ubuntu: apt-get install wrk)")
+    body_path = workdir / f"body-{len(body)}.bin"
+    body_path.write_bytes(body)
+    script = workdir / "post.lua"
+    script.write_text(_WRK_SCRIPT)
+    env = {
+        **os.environ,
+        "LENSSERVE_BENCH_BODY": str(body_path),
+        "LENSSERVE_BENCH_CONTENT_TYPE": f"multipart/form-data; boundary={_BOUNDARY}",
+    }
+    seconds = max(int(round(duration_s)), 1)
+    command = [
+        wrk,
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "60s",
+        "-s",
+        str(script),
+    ]
+    completed = subprocess.run([*command, url], env=env, capture_output=True, text=True, check=True)
+    line = next((ln for ln in completed.stdout.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk printed no figures:\n{completed.stdout}\n{completed.stderr}")
+    figures: dict[str, float] = json.loads(line.removeprefix("WRK_JSON "))
+    if figures["errors"]:
+        raise RuntimeError(f"wrk saw {figures['errors']:.0f} failed requests:\n{completed.stdout}")
+    return figures
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_http(config: BenchConfig, files: Sequence[bytes], report: BenchReport) -> None:
+    """(c) and (d) against a fresh server; fills the report's rows, RSS and client CPU."""
+    server = _Server(config)
+    try:
+        server.wait_ready()
+        url = f"{server.url}/v1/predict?samples={config.num_samples}"
+        wall_s = 0.0
+        # wrk is the only child that exits during the run, so RUSAGE_CHILDREN counts wrk alone.
+        cpu_before_s = _children_cpu_s()
+        with tempfile.TemporaryDirectory(prefix="lensserve-bench-") as tmp:
+            runs = [("(c) HTTP multipart", multipart_body(files), 2, len(files))]
+            runs += [
+                (f"(d) HTTP single @{c}", multipart_body(files[:1]), c, 1)
+                for c in config.concurrencies
+            ]
+            for name, body, connections, per_request in runs:
+                figures = run_wrk(
+                    url,
+                    body,
+                    connections=connections,
+                    duration_s=config.duration_s,
+                    workdir=Path(tmp),
+                )
+                seconds = figures["duration_us"] / 1e6
+                wall_s += seconds
+                report.rows.append(
+                    BenchRow(
+                        name=name,
+                        cutouts_per_s=figures["requests"] * per_request / seconds,
+                        p50_ms=figures["p50_us"] / 1e3,
+                        p95_ms=figures["p95_us"] / 1e3,
+                        p99_ms=figures["p99_us"] / 1e3,
+                        note=f"{per_request} file(s)/request, {connections} clients",
+                    )
+                )
+        report.client_cpu_fraction = (_children_cpu_s() - cpu_before_s) / wall_s
+        report.server_peak_rss_mib = server.peak_rss_mib()
+        samples = server.rss_samples_mib
+        # Steady: the median of the second half, once every row's buffers have been touched.
+        report.server_steady_rss_mib = (
+            float(np.median(samples[len(samples) // 2 :])) if samples else None
+        )
+    finally:
+        server.stop()
+
+
+def run_bench(
+    config: BenchConfig, *, progress: Callable[[str], None] = lambda _: None
+) -> BenchReport:
+    """Measure every row; the HTTP server runs only while (c) and (d) run."""
+    runtime = OnnxModelRuntime(
+        config.models_dir,
+        device=config.device,
+        warmup_batch_sizes=(config.batch_size,),
+        warmup_samples=config.num_samples,
+    )
+    runtime.load()
+    report = BenchReport(provider=runtime.provider, cores=available_cores())
+    files = load_cutout_bytes(config)
+    images = np.stack([c.image for c in _prepare(runtime, files)])
+    progress("(a) in-process floor")
+    floor = measure_floor(runtime, images, config.duration_s)
+    report.rows.append(BenchRow("(a) in-process cls+reg", floor, note=f"batch {len(files)}"))
+    progress("(b) in-process full answer")
+    full = measure_full_answer(
+        runtime, files, num_samples=config.num_samples, duration_s=config.duration_s
+    )
+    note = f"batch {len(files)}, {config.num_samples} MC samples, FITS to JSON"
+    report.rows.append(BenchRow("(b) in-process full", full, note=note))
+    runtime.close()
+    progress("(c), (d) HTTP")
+    measure_http(config, files, report)
+    if config.keras_cutouts > 0:
+        progress("(e) Keras model.predict per cutout")
+        from service.bench_keras import measure_keras_per_cutout
+
+        rate = measure_keras_per_cutout(config.models_dir, files[: config.keras_cutouts])
+        report.rows.append(BenchRow("(e) Keras predict/cutout", rate, note="1 cutout per call"))
+    return report
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> str:
+    return "-" if not numerator or not denominator else f"{numerator / denominator:.2f}"
+
+
+def _last_rate(report: BenchReport, prefix: str) -> float | None:
+    """Cutouts/s of the last row starting with ``prefix`` (the most concurrent (d))."""
+    rates = [r.cutouts_per_s for r in report.rows if r.name.startswith(prefix)]
+    return rates[-1] if rates else None
+
+
+def format_report(report: BenchReport) -> str:
+    """The table and the target ratios, as printed by ``lensserve bench``."""
+    floor = report.rate("(a)")
+    header = (
+        f"{'row':<26} {'cutouts/s':>10} {'/(a)':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}  note"
+    )
+    lines = [header, "-" * len(header)]
+    for row in report.rows:
+        ms = [
+            f"{v:8.1f}" if v is not None else f"{'-':>8}"
+            for v in (row.p50_ms, row.p95_ms, row.p99_ms)
+        ]
+        lines.append(
+            f"{row.name:<26} {row.cutouts_per_s:10.1f} {_ratio(row.cutouts_per_s, floor):>6} "
+            f"{' '.join(ms)}  {row.note}"
+        )
+    full, batch, single, keras = (
+        report.rate("(b)"),
+        report.rate("(c)"),
+        _last_rate(report, "(d)"),
+        report.rate("(e)"),
+    )
+    lines += [
+        "",
+        f"(b)/(a) = {_ratio(full, floor)} (target >= 0.5)",
+        f"(c)/(b) = {_ratio(batch, full)} (target >= 0.8)",
+        f"(d@max)/(b) = {_ratio(single, full)} (target >= 0.6)",
+        f"(c)/(e) = {_ratio(batch, keras)} (target >= 20)",
+        f"provider {report.provider}; {report.cores} cores",
+    ]
+    if report.server_peak_rss_mib is not None:
+        lines.append(
+            f"server RSS: peak {report.server_peak_rss_mib:.0f} MiB, steady "
+            f"{report.server_steady_rss_mib or 0:.0f} MiB (target <= 1024)"
+        )
+    if report.client_cpu_fraction is not None:
+        lines.append(f"load generator (wrk) CPU: {report.client_cpu_fraction:.2f} cores")
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""Row (e) of ``lensserve bench``: the ``.keras`` models, one ``model.predict`` per cutout.
+
+This is what a user without lensserve would write, and the only place in
+``service/`` that touches TensorFlow: it is imported by :func:`service.bench.run_bench`
+only when that row runs, and needs the ``bench`` extra (``pip install -e '.[bench]'``).
+Serving never imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.cards import read_model_cards
+from service.fits_codec import DEFAULT_LIMITS
+from service.inference import prepare_cutout
+
+
+def _keras_file(models_dir: Path, name: str) -> str:
+    """The card's ``keras_file`` (the service's card schema does not keep it)."""
+    card = json.loads((models_dir / f"{name}.json").read_text(encoding="utf-8"))
+    return str(card.get("keras_file", f"{name}.keras"))
+
+
+def measure_keras_per_cutout(models_dir: Path, files: Sequence[bytes]) -> float:
+    """Cutouts/s of decode + three ``model.predict`` calls per cutout (batch of 1).
+
+    Parameters
+    ----------
+    models_dir : Path
+        Folder with the cards and the ``<name>.keras`` files next to the ONNX ones.
+    files : sequence of bytes
+        FITS cutouts, each handled as its own request.
+    """
+    try:
+        import keras
+
+        import training  # noqa: F401  (registers the custom layers the .keras files use)
+    except ImportError as exc:
+        raise RuntimeError(
+            "row (e) needs TensorFlow and Keras: pip install -e '.[bench]' "
+            "(or run lensserve bench --keras-cutouts 0 to skip it)"
+        ) from exc
+    models = read_model_cards(models_dir)
+    nets = [
+        keras.saving.load_model(models_dir / _keras_file(models_dir, name), compile=False)
+        for name in models.cards
+    ]
+
+    def answer(data: bytes) -> None:
+        cutout = prepare_cutout(data, filename="x.fits", models=models, limits=DEFAULT_LIMITS)
+        for net in nets:
+            net.predict(cutout.image[None], verbose=0)
+
+    answer(files[0])  # the first predict builds TensorFlow's graph; a user pays it once
+    started = time.perf_counter()
+    for data in files:
+        answer(data)
+    return len(files) / (time.perf_counter() - started)

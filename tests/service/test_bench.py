@@ -1,0 +1,87 @@
+"""``lensserve bench``: the table's rows come out of a tiny run; the report's ratios."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.bench import BenchReport, BenchRow, format_report, multipart_body
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_format_report_prints_every_row_and_the_target_ratios():
+    report = BenchReport(
+        rows=[
+            BenchRow("(a) in-process cls+reg", 1000.0),
+            BenchRow("(b) in-process full", 500.0),
+            BenchRow("(c) HTTP multipart", 400.0, p50_ms=10.0, p95_ms=20.0, p99_ms=30.0),
+            BenchRow("(d) HTTP single @64", 300.0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0),
+            BenchRow("(e) Keras predict/cutout", 10.0),
+        ],
+        provider="CPUExecutionProvider",
+        cores=2,
+        server_peak_rss_mib=300.0,
+        server_steady_rss_mib=250.0,
+        client_cpu_fraction=0.05,
+    )
+    text = format_report(report)
+    # Ratios from the rows above: 500/1000, 400/500, 300/500, 400/10.
+    for expected in ("(b)/(a) = 0.50", "(c)/(b) = 0.80", "(d@max)/(b) = 0.60", "(c)/(e) = 40.00"):
+        assert expected in text
+    assert all(row.name in text for row in report.rows)
+    assert "peak 300 MiB" in text
+
+
+def test_multipart_body_holds_each_file_under_the_files_field():
+    body = multipart_body([b"SIMPLE-1", b"SIMPLE-2"])
+    assert body.count(b'name="files"') == 2
+    assert b"SIMPLE-1" in body and b"SIMPLE-2" in body
+    assert body.endswith(b"--\r\n")
+
+
+@pytest.mark.slow
+def test_lensserve_bench_with_tiny_settings_prints_the_table(tmp_path: Path):
+    if shutil.which("wrk") is None:
+        pytest.skip("the HTTP rows need wrk on PATH (apt-get install wrk)")
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "bench",
+            "--models-dir",
+            str(REPO / "models"),
+            "--batch-size",
+            "2",
+            "--samples",
+            "4",
+            "--concurrency",
+            "1",
+            "2",
+            "--duration-s",
+            "0.5",
+            "--keras-cutouts",
+            "0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    for row in (
+        "(a) in-process cls+reg",
+        "(b) in-process full",
+        "(c) HTTP multipart",
+        "(d) HTTP single @1",
+        "(d) HTTP single @2",
+        "provider CPUExecutionProvider",
+        "server RSS: peak",
+    ):
+        assert row in completed.stdout
