@@ -75,7 +75,7 @@ from service.errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
-from service.fits_codec import FitsLimits
+from service.fits_codec import RAW_FITS_MEDIA_TYPES, FitsLimits
 from service.guards import (
     API_KEY_HEADER,
     Admission,
@@ -106,8 +106,6 @@ from service.settings import Settings
 logger = logging.getLogger("lensserve.api")
 ResultT = TypeVar("ResultT")
 
-#: Media types of a raw FITS body.
-RAW_FITS_MEDIA_TYPES = ("application/fits", "image/fits", "application/octet-stream")
 MULTIPART_MEDIA_TYPE = "multipart/form-data"
 #: Form field that carries the files of a multipart request.
 FILES_FIELD = "files"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from service.cards import InputSpec, ModelSet
 from service.errors import PayloadTooLargeError
-from service.fits_codec import FitsLimits, decode_fits
+from service.fits_codec import RAW_FITS_MEDIA_TYPES, FitsLimits, decode_fits
 
 STATIC_DIR = Path(__file__).with_name("static")
 #: Files the page loads, with their media types; nothing else under static/ is served.
@@ -127,7 +127,10 @@ def create_demo_router(
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"application/fits": {"schema": {"type": "string", "format": "binary"}}},
+                "content": {
+                    media: {"schema": {"type": "string", "format": "binary"}}
+                    for media in RAW_FITS_MEDIA_TYPES
+                },
             }
         },
     )

@@ -86,6 +86,10 @@ _ACCEPTED = (
 _WARNINGS_LOCK = threading.Lock()
 
 
+#: Media types under which an HTTP body is one FITS file.
+RAW_FITS_MEDIA_TYPES = ("application/fits", "image/fits", "application/octet-stream")
+
+
 @dataclass(frozen=True)
 class FitsLimits:
     """Caps that keep a hostile file from exhausting memory or time.
