@@ -221,6 +221,17 @@ def test_the_services_check_readiness_and_the_gpu_profile_reserves_a_gpu():
     assert "replicas" in services["lensserve"]["deploy"]
 
 
+def test_docker_waits_for_the_drain_before_killing_a_replica():
+    from service.settings import Settings
+
+    defaults = Settings()
+    drain_s = defaults.shutdown_grace_s + defaults.drain_timeout_s
+    for name in ("lensserve", "lensserve-gpu"):
+        grace = _compose()["services"][name]["stop_grace_period"]
+        assert re.fullmatch(r"\d+s", grace), grace
+        assert int(grace[:-1]) > drain_s
+
+
 def test_nginx_balances_over_the_alias_every_replica_joins():
     services = _compose()["services"]
     aliases = {
