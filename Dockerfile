@@ -13,7 +13,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/lensserve
 WORKDIR /src
 # README.md is the package long description; the wildcard lets the build go on without it.
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml LICENSE README.md* ./
 COPY service ./service
 RUN /opt/lensserve/bin/pip install .
 
@@ -26,7 +26,7 @@ RUN apt-get update \
     && python3 -m venv /opt/lensserve
 WORKDIR /src
 # README.md is the package long description; the wildcard lets the build go on without it.
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml LICENSE README.md* ./
 COPY service ./service
 # onnxruntime (a core dependency) and onnxruntime-gpu share the onnxruntime package folder:
 # remove the CPU build, then restore the GPU build's files it overwrote.
