@@ -20,8 +20,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from service.cards import InputSpec, ModelSet
-from service.errors import PayloadTooLargeError
 from service.fits_codec import RAW_FITS_MEDIA_TYPES, FitsLimits, decode_fits
+from service.http_body import read_capped_body
 
 STATIC_DIR = Path(__file__).with_name("static")
 #: Files the page loads, with their media types; nothing else under static/ is served.
@@ -64,18 +64,6 @@ def decode_pixels(
         pixel_scale_arcsec=spec.pixel_scale_arcsec,
         pixels=values,
     )
-
-
-async def _read_capped(request: Request, limit_bytes: int) -> bytes:
-    """The body, refused as soon as it passes ``limit_bytes``."""
-    chunks: list[bytes] = []
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit_bytes:
-            raise PayloadTooLargeError(f"the body passed {limit_bytes} bytes, the most accepted")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_demo_router(
@@ -143,7 +131,7 @@ def create_demo_router(
         The demo page draws its colour composite from these; no prediction is made.
         """
         require_ready()
-        data = await _read_capped(request, max_body_bytes)
+        data = await read_capped_body(request, max_body_bytes)
         call = partial(
             decode_pixels,
             data,

@@ -41,6 +41,7 @@ from service.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from service.http_body import read_capped_body
 from service.oip_codec import (
     InferResponse,
     decode_infer_request,
@@ -119,20 +120,10 @@ class _OipRoute(APIRoute):
 
 
 async def _read_body(request: Request, limit_bytes: int) -> bytes:
-    """The body, refused as soon as it passes ``limit_bytes`` (declared or streamed)."""
+    """The body, refused as soon as it passes ``limit_bytes``; no Content-Encoding."""
     if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
         raise UnsupportedMediaTypeError("the v2 endpoints read bodies without Content-Encoding")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit_bytes:
-        raise PayloadTooLargeError(f"the body is {declared} bytes; at most {limit_bytes} accepted")
-    chunks: list[bytes] = []
-    received = 0
-    async for chunk in request.stream():
-        received += len(chunk)
-        if received > limit_bytes:
-            raise PayloadTooLargeError(f"the body passed {limit_bytes} bytes, the most accepted")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_capped_body(request, limit_bytes)
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:

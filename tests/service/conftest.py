@@ -25,44 +25,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def live_server() -> Iterator[str]:
-    """A real ``python -m service serve`` on the CPU; yields its base URL once ready."""
-    port = free_port()
-    env = {**os.environ, "LENSSERVE_DEVICE": "cpu", "LENSSERVE_LOG_LEVEL": "warning"}
-    command = [sys.executable, "-m", "service", "serve", "--port", str(port), "--no-access-log"]
-    process = subprocess.Popen(
-        [*command, "--models-dir", str(REPO / "models")],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90.0
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read().decode() if process.stdout else ""
-                pytest.fail(f"lensserve serve exited with {process.returncode}:\n{output}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("lensserve serve did not become ready within 90 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 #: How long a launched server may take to load and warm up its models (seconds).
 SERVER_START_TIMEOUT_S = 90.0
 
@@ -143,3 +105,9 @@ def launch_server(tmp_path_factory) -> Iterator[Callable[..., ServerProcess]]:
     yield launch
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def live_server(launch_server: Callable[..., ServerProcess]) -> str:
+    """A real ``python -m service serve`` on the CPU; its base URL once ready."""
+    return launch_server(LENSSERVE_LOG_LEVEL="warning").url

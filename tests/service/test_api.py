@@ -12,10 +12,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -57,64 +53,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    """A real ``python -m service serve`` process; yields its base URL once ready."""
-    port = _free_port()
-    env = {
-        **os.environ,
-        "LENSSERVE_MAX_BODY_BYTES": str(SERVER_BODY_LIMIT),
-        "LENSSERVE_DEVICE": "cpu",
-        "LENSSERVE_LOG_LEVEL": "warning",
-    }
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--models-dir",
-            str(REPO / "models"),
-            "--no-access-log",
-        ],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60.0
-        while True:
-            if process.poll() is not None:
-                output = process.stdout.read().decode() if process.stdout else ""
-                pytest.fail(f"lensserve serve exited with {process.returncode}:\n{output}")
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("lensserve serve did not become ready within 60 s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def server(launch_server) -> str:
+    """A real ``python -m service serve`` process with a small body limit; its base URL."""
+    return launch_server(
+        LENSSERVE_MAX_BODY_BYTES=str(SERVER_BODY_LIMIT), LENSSERVE_LOG_LEVEL="warning"
+    ).url
 
 
 @pytest.fixture(scope="module")
