@@ -45,6 +45,7 @@ from service.errors import (
     TooManyMaskedPixelsError,
     UnsupportedMediaTypeError,
 )
+from service.sky import simple_tan_wcs
 
 #: Plane order assumed for a cube without a ``BANDS`` keyword.
 DEFAULT_CUBE_BANDS = ("g", "r", "i")
@@ -830,22 +831,14 @@ def _centre_sky_position(
     try:
         if not any(key.startswith("CTYPE") for key in header):
             return None, None, []
-        # Building WCS objects and SkyCoords dominated decoding (about 2 ms of 3 per file):
-        # one WCS of the two image axes is all the answer needs (celestial axes elsewhere
-        # leave it without a longitude/latitude pair), and ICRS needs no frame transform.
-        celestial = WCS(header, naxis=2)
-        if not celestial.has_celestial:
-            return None, None, []
-        if {celestial.wcs.lng, celestial.wcs.lat} != {0, 1}:
-            return None, None, ["ignored the WCS: its celestial axes are not the image axes"]
-        scales_arcsec = [q.to_value(u.arcsec) for q in celestial.proj_plane_pixel_scales()]
-        if celestial.wcs.radesys == "ICRS" and celestial.wcs.lng == 0:
-            ((ra_deg, dec_deg),) = celestial.all_pix2world([[x, y]], 0).tolist()
+        plain_tan = simple_tan_wcs(header)
+        if plain_tan is not None:
+            scales_arcsec = plain_tan.pixel_scales_arcsec()
+            ra_deg, dec_deg = plain_tan.pixel_to_sky_deg(x, y)
         else:
-            sky = celestial.pixel_to_world(x, y)
-            icrs = sky.icrs if isinstance(sky, SkyCoord) else None
-            ra_deg = float(icrs.ra.deg) if icrs is not None else math.nan
-            dec_deg = float(icrs.dec.deg) if icrs is not None else math.nan
+            scales_arcsec, ra_deg, dec_deg = _astropy_sky_position(header, x=x, y=y)
+    except _WcsUnusable as exc:
+        return None, None, [str(exc)] if str(exc) else []
     except Exception as exc:  # wcslib and astropy raise many types on broken WCS keywords
         return None, None, [f"ignored the WCS: astropy could not use it ({_reason(exc)})"]
     if not all(math.isfinite(s) and s > 0 for s in scales_arcsec):
@@ -854,6 +847,34 @@ def _centre_sky_position(
     if not (math.isfinite(ra_deg) and math.isfinite(dec_deg)):
         return None, None, ["ignored the WCS: the cutout centre has no sky position"]
     return ra_deg, dec_deg, []
+
+
+class _WcsUnusable(Exception):
+    """The header's WCS gives no sky position; the message, if any, is the warning."""
+
+
+def _astropy_sky_position(
+    header: fits.Header, *, x: float, y: float
+) -> tuple[list[float], float, float]:
+    """(pixel scales in arcsec, RA, Dec in degrees) at 0-based (x, y) through astropy's WCS."""
+    # Headers that are not plain ICRS TAN (service.sky) come here. Building WCS objects and
+    # SkyCoords dominated decoding: one WCS of the two image axes is all the answer needs
+    # (celestial axes elsewhere leave it without a longitude/latitude pair), and ICRS needs
+    # no frame transform.
+    celestial = WCS(header, naxis=2)
+    if not celestial.has_celestial:
+        raise _WcsUnusable("")
+    if {celestial.wcs.lng, celestial.wcs.lat} != {0, 1}:
+        raise _WcsUnusable("ignored the WCS: its celestial axes are not the image axes")
+    scales_arcsec = [q.to_value(u.arcsec) for q in celestial.proj_plane_pixel_scales()]
+    if celestial.wcs.radesys == "ICRS" and celestial.wcs.lng == 0:
+        ((ra_deg, dec_deg),) = celestial.all_pix2world([[x, y]], 0).tolist()
+        return scales_arcsec, ra_deg, dec_deg
+    sky = celestial.pixel_to_world(x, y)
+    icrs = sky.icrs if isinstance(sky, SkyCoord) else None
+    if icrs is None:
+        return scales_arcsec, math.nan, math.nan
+    return scales_arcsec, float(icrs.ra.deg), float(icrs.dec.deg)
 
 
 def _check_pixel_scale(scales_arcsec: list[float], pixel_scale_arcsec: float) -> None:
