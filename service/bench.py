@@ -112,6 +112,10 @@ class BenchReport:
     cores: int = 0
     server_peak_rss_mib: float | None = None
     server_steady_rss_mib: float | None = None
+    server_tree_peak_rss_mib: float | None = None
+    """Server plus its decode worker processes: the sum of each one's peak (MiB)."""
+    server_tree_steady_pss_mib: float | None = None
+    """Server plus its decode worker processes: proportional set size, summed (MiB)."""
     client_cpu_fraction: float | None = None
     """wrk's CPU time over the wall time of the HTTP rows (cores)."""
 
@@ -238,28 +242,54 @@ class _Server:
             "LENSSERVE_MODELS_DIR": str(config.models_dir.resolve()),
             "LENSSERVE_DEFAULT_SAMPLES": str(config.num_samples),
             "LENSSERVE_MAX_FILES": str(max(config.batch_size, 256)),
+            # The rows measure throughput, so no client may be refused: the admission limit
+            # (32 by default) would answer 503 at 64 clients, and a slot is freed only after
+            # its response is sent, so a client's next request can find its old one still
+            # counted: twice the clients is enough.
+            "LENSSERVE_MAX_CONCURRENT_REQUESTS": str(2 * max(16, *config.concurrencies, 2)),
             "LENSSERVE_LOG_LEVEL": "warning",
         }
         command = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
         self.process = subprocess.Popen([*command, "--no-access-log"], env=env)
         self.rss_samples_mib: list[float] = []
+        self.tree_pss_samples_mib: list[float] = []
         self._stop = threading.Event()
         self._sampler = threading.Thread(target=self._sample_rss, daemon=True)
 
-    def _status_mib(self, key: str) -> float | None:
+    def _tree_pids(self) -> list[int]:
+        """The server and its descendants (decode worker processes, their fork server)."""
+        pids, index = [self.process.pid], 0
+        while index < len(pids):
+            for task in Path(f"/proc/{pids[index]}/task").glob("*"):
+                try:
+                    pids += [int(c) for c in (task / "children").read_text().split()]
+                except OSError:
+                    continue
+            index += 1
+        return pids
+
+    def _status_mib(
+        self, key: str, pid: int | None = None, *, file: str = "status"
+    ) -> float | None:
         try:
-            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024  # the kernel reports kB
+            text = Path(f"/proc/{pid or self.process.pid}/{file}").read_text()
         except OSError:
             return None
+        for line in text.splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024  # the kernel reports kB
         return None
+
+    def _tree_mib(self, key: str, *, file: str = "status") -> float:
+        return sum(self._status_mib(key, pid, file=file) or 0.0 for pid in self._tree_pids())
 
     def _sample_rss(self) -> None:
         while not self._stop.wait(0.2):
             rss = self._status_mib("VmRSS")
             if rss is not None:
                 self.rss_samples_mib.append(rss)
+                # PSS, not RSS: the forked workers share pages with their fork server.
+                self.tree_pss_samples_mib.append(self._tree_mib("Pss", file="smaps_rollup"))
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -277,6 +307,10 @@ class _Server:
 
     def peak_rss_mib(self) -> float | None:
         return self._status_mib("VmHWM")
+
+    def tree_peak_rss_mib(self) -> float:
+        """Sum of each process's own peak: an upper bound on the tree's peak at one time."""
+        return self._tree_mib("VmHWM")
 
     def stop(self) -> None:
         self._stop.set()
@@ -330,6 +364,11 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _steady(samples_mib: list[float]) -> float | None:
+    """The median of the second half, once every row's buffers have been touched (MiB)."""
+    return float(np.median(samples_mib[len(samples_mib) // 2 :])) if samples_mib else None
+
+
 def measure_http(config: BenchConfig, files: Sequence[bytes], report: BenchReport) -> None:
     """(c) and (d) against a fresh server; fills the report's rows, RSS and client CPU."""
     server = _Server(config)
@@ -367,11 +406,9 @@ def measure_http(config: BenchConfig, files: Sequence[bytes], report: BenchRepor
                 )
         report.client_cpu_fraction = (_children_cpu_s() - cpu_before_s) / wall_s
         report.server_peak_rss_mib = server.peak_rss_mib()
-        samples = server.rss_samples_mib
-        # Steady: the median of the second half, once every row's buffers have been touched.
-        report.server_steady_rss_mib = (
-            float(np.median(samples[len(samples) // 2 :])) if samples else None
-        )
+        report.server_tree_peak_rss_mib = server.tree_peak_rss_mib()
+        report.server_steady_rss_mib = _steady(server.rss_samples_mib)
+        report.server_tree_steady_pss_mib = _steady(server.tree_pss_samples_mib)
     finally:
         server.stop()
 
@@ -466,6 +503,12 @@ def format_report(report: BenchReport) -> str:
         lines.append(
             f"server RSS: peak {report.server_peak_rss_mib:.0f} MiB, steady "
             f"{report.server_steady_rss_mib or 0:.0f} MiB (target <= 1024)"
+        )
+    if report.server_tree_steady_pss_mib is not None:
+        lines.append(
+            "server + decode worker processes: steady PSS "
+            f"{report.server_tree_steady_pss_mib:.0f} MiB, sum of peak RSS "
+            f"{report.server_tree_peak_rss_mib or 0:.0f} MiB"
         )
     if report.client_cpu_fraction is not None:
         lines.append(f"load generator (wrk) CPU: {report.client_cpu_fraction:.2f} cores")

@@ -36,6 +36,8 @@ def test_format_report_prints_every_row_and_the_target_ratios():
         cores=2,
         server_peak_rss_mib=300.0,
         server_steady_rss_mib=250.0,
+        server_tree_peak_rss_mib=700.0,
+        server_tree_steady_pss_mib=450.0,
         client_cpu_fraction=0.05,
     )
     text = format_report(report)
@@ -52,6 +54,7 @@ def test_format_report_prints_every_row_and_the_target_ratios():
     assert "(b')/(a) = 0.50, (c)/(b) = 0.67, (d@max)/(b) = 0.50" in text
     assert all(row.name in text for row in report.rows)
     assert "peak 300 MiB" in text
+    assert "steady PSS 450 MiB, sum of peak RSS 700 MiB" in text
 
 
 def test_multipart_body_holds_each_file_under_the_files_field():
@@ -101,5 +104,6 @@ def test_lensserve_bench_with_tiny_settings_prints_the_table(tmp_path: Path):
         "(d) HTTP single @2",
         "provider CPUExecutionProvider",
         "server RSS: peak",
+        "server + decode worker processes: steady PSS",
     ):
         assert row in completed.stdout
