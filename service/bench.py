@@ -148,7 +148,7 @@ def _prepare(runtime: OnnxModelRuntime, files: Sequence[bytes]) -> list[Prepared
     ]
 
 
-def _rate(call: Callable[[], None], *, cutouts_per_call: int, duration_s: float) -> float:
+def _rate(call: Callable[[], object], *, cutouts_per_call: int, duration_s: float) -> float:
     """Cutouts/s of ``call`` run back to back for ``duration_s`` (at least twice)."""
     call()  # warm caches outside the timed window
     calls = 0
