@@ -31,6 +31,9 @@ REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
     REGRESSOR_NAME: ("parameters",),
     MC_NAME: ("theta_E_samples", "theta_E_log_variance_samples"),
 }
+#: Optional MC output: the regressor's point parameters from the MC graph's one trunk pass.
+#: When the MC card lists it, the full answer runs two models instead of three.
+MC_PARAMETERS_OUTPUT = "parameters"
 #: Order of the regressor's ``parameters`` components the service reports.
 PARAMETER_COMPONENTS: tuple[str, ...] = ("theta_E", "e1", "e2", "center_x", "center_y")
 #: Name of the MC model's scalar input giving the dropout passes per cutout.
@@ -139,6 +142,11 @@ class ModelSet:
     def input(self) -> InputSpec:
         """The image input all three models share."""
         return self.classifier.input
+
+    @property
+    def mc_gives_parameters(self) -> bool:
+        """Whether the MC graph also returns the regressor's point ``parameters``."""
+        return MC_PARAMETERS_OUTPUT in self.mc.output_names
 
 
 def read_model_card(path: Path) -> ModelCard:
@@ -255,12 +263,15 @@ def read_model_cards(models_dir: Path) -> ModelSet:
     reference = cards[CLASSIFIER_NAME].input
     for card in cards.values():
         _check_card(card, reference)
-    components = cards[REGRESSOR_NAME].output("parameters").components
-    if components is not None and tuple(components) != PARAMETER_COMPONENTS:
-        raise ModelUnavailableError(
-            f"model {REGRESSOR_NAME!r} returns parameters {components}; the service reports "
-            f"{list(PARAMETER_COMPONENTS)}"
-        )
+    for name in (REGRESSOR_NAME, MC_NAME):
+        if MC_PARAMETERS_OUTPUT not in cards[name].output_names:
+            continue
+        components = cards[name].output(MC_PARAMETERS_OUTPUT).components
+        if components is not None and tuple(components) != PARAMETER_COMPONENTS:
+            raise ModelUnavailableError(
+                f"model {name!r} returns parameters {components}; the service reports "
+                f"{list(PARAMETER_COMPONENTS)}"
+            )
     if NUM_SAMPLES_INPUT not in {spec.name for spec in cards[MC_NAME].extra_inputs}:
         raise ModelUnavailableError(
             f"model {MC_NAME!r} has no {NUM_SAMPLES_INPUT!r} input in its card"

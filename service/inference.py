@@ -31,7 +31,6 @@ from service.preprocessing import preprocess_cutout
 from service.runtime import MAX_SEED, ModelRuntime, RawPredictions
 from service.uncertainty import (
     QUANTILE_LEVELS,
-    MixtureSummary,
     draw_predictive_samples,
     summarise_mc_samples,
 )
@@ -367,43 +366,9 @@ def predict_chunk(
     return _predict_item(runtime, item)
 
 
-#: Cutouts x MC passes summarised per call: the mixture-quantile bisection works on
-#: (rows, 5, T) float64 temporaries, and keeping them near L2-cache size (~64 KiB) made
-#: it 3.5x faster for 64 cutouts x 100 passes on the development machine.
-_SUMMARY_BLOCK_ELEMENTS = 1600
-
-
-def summarise_in_blocks(
-    sample_means: NDArray[np.floating], sample_log_variances: NDArray[np.floating]
-) -> MixtureSummary:
-    """:func:`~service.uncertainty.summarise_mc_samples`, computed a few rows at a time.
-
-    Parameters
-    ----------
-    sample_means : ndarray, shape (n, T)
-        theta_E of each MC-dropout pass (arcsec).
-    sample_log_variances : ndarray, shape (n, T)
-        Log-variance of each pass (log arcsec^2).
-    """
-    n, passes = sample_means.shape
-    rows = max(1, _SUMMARY_BLOCK_ELEMENTS // max(passes, 1))
-    if n <= rows:
-        return summarise_mc_samples(sample_means, sample_log_variances)
-    blocks = [
-        summarise_mc_samples(sample_means[i : i + rows], sample_log_variances[i : i + rows])
-        for i in range(0, n, rows)
-    ]
-    return MixtureSummary(
-        **{
-            name: np.concatenate([getattr(block, name) for block in blocks])
-            for name in ("mean", "std", "aleatoric_std", "epistemic_std", "quantiles")
-        }
-    )
-
-
 def _summarise(item: _BatchItem, raw: RawPredictions) -> list[CutoutOutcome]:
     """Per-cutout predictions from one item's raw model outputs."""
-    summary = summarise_in_blocks(raw.theta_E_samples, raw.theta_E_log_variance_samples)
+    summary = summarise_mc_samples(raw.theta_E_samples, raw.theta_E_log_variance_samples)
     samples = (
         draw_predictive_samples(
             raw.theta_E_samples, raw.theta_E_log_variance_samples, item.sample_rng()
@@ -411,17 +376,21 @@ def _summarise(item: _BatchItem, raw: RawPredictions) -> list[CutoutOutcome]:
         if item.include_samples
         else None
     )
+    finite = (
+        np.isfinite(raw.lens_probability)
+        & np.isfinite(raw.parameters).all(axis=1)
+        & np.isfinite(summary.mean)
+        & np.isfinite(summary.std)
+        & np.isfinite(summary.quantiles).all(axis=1)
+    )
+    # Python floats once per array, not per element: the loop below only builds objects.
+    probability, parameters = raw.lens_probability.tolist(), raw.parameters.tolist()
+    mean, std = summary.mean.tolist(), summary.std.tolist()
+    aleatoric, epistemic = summary.aleatoric_std.tolist(), summary.epistemic_std.tolist()
+    quantiles = summary.quantiles.tolist()
     outcomes: list[CutoutOutcome] = []
     for row, cutout in enumerate(item.cutouts):
-        numbers = np.concatenate(
-            [
-                [raw.lens_probability[row]],
-                raw.parameters[row],
-                [summary.mean[row], summary.std[row]],
-                summary.quantiles[row],
-            ]
-        )
-        if not np.all(np.isfinite(numbers)):
+        if not finite[row]:
             outcomes.append(
                 InferenceError(
                     f"the models returned a non-finite value for {cutout.filename!r}; "
@@ -432,22 +401,14 @@ def _summarise(item: _BatchItem, raw: RawPredictions) -> list[CutoutOutcome]:
         outcomes.append(
             CutoutPrediction(
                 filename=cutout.filename,
-                lens_probability=float(raw.lens_probability[row]),
-                parameters={
-                    name: float(value)
-                    for name, value in zip(PARAMETER_COMPONENTS, raw.parameters[row], strict=True)
-                },
+                lens_probability=probability[row],
+                parameters=dict(zip(PARAMETER_COMPONENTS, parameters[row], strict=True)),
                 einstein_radius=EinsteinRadiusPrediction(
-                    mean=float(summary.mean[row]),
-                    std=float(summary.std[row]),
-                    aleatoric_std=float(summary.aleatoric_std[row]),
-                    epistemic_std=float(summary.epistemic_std[row]),
-                    quantiles={
-                        level: float(value)
-                        for level, value in zip(
-                            QUANTILE_LEVELS, summary.quantiles[row], strict=True
-                        )
-                    },
+                    mean=mean[row],
+                    std=std[row],
+                    aleatoric_std=aleatoric[row],
+                    epistemic_std=epistemic[row],
+                    quantiles=dict(zip(QUANTILE_LEVELS, quantiles[row], strict=True)),
                     samples=None if samples is None else samples[row],
                 ),
                 ra_deg=cutout.ra_deg,

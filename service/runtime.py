@@ -45,8 +45,10 @@ from numpy.typing import NDArray
 from service.cards import (
     CLASSIFIER_NAME,
     MC_NAME,
+    MC_PARAMETERS_OUTPUT,
     NUM_SAMPLES_INPUT,
     REGRESSOR_NAME,
+    REQUIRED_OUTPUTS,
     ModelSet,
     read_model_cards,
 )
@@ -115,7 +117,7 @@ class ModelRuntime(Protocol):
     def predict(
         self, images: NDArray[np.float32], *, num_samples: int, seed: int | None = None
     ) -> RawPredictions:
-        """Run all three models on a batch of preprocessed cutouts."""
+        """Run the models (two or three calls) on a batch of preprocessed cutouts."""
         ...
 
     def close(self) -> None:
@@ -337,10 +339,15 @@ class OnnxModelRuntime:
             self.predict(blank, num_samples=self._warmup_samples)
 
     def _run(
-        self, session: ort.InferenceSession, name: str, feeds: Mapping[str, NDArray[Any]]
+        self,
+        session: ort.InferenceSession,
+        name: str,
+        feeds: Mapping[str, NDArray[Any]],
+        outputs: list[str] | None = None,
     ) -> list[NDArray[np.float32]]:
+        """``outputs`` (names) in that order; None: every output, in graph order."""
         try:
-            return session.run(None, feeds)
+            return session.run(outputs, feeds)
         except Exception as exc:  # onnxruntime raises its own pybind11 exception types
             raise InferenceError(
                 f"model {name!r} failed on a batch of {len(feeds['image'])} cutouts: {exc}"
@@ -349,7 +356,10 @@ class OnnxModelRuntime:
     def predict(
         self, images: NDArray[np.float32], *, num_samples: int, seed: int | None = None
     ) -> RawPredictions:
-        """Run the three models on a batch of preprocessed cutouts.
+        """Run the models on a batch of preprocessed cutouts.
+
+        Two onnxruntime calls (classifier, MC graph) when the MC card lists the
+        point ``parameters`` output; otherwise three (classifier, regressor, MC).
 
         Parameters
         ----------
@@ -397,13 +407,20 @@ class OnnxModelRuntime:
         (probability,) = self._run(
             self._sessions[CLASSIFIER_NAME], CLASSIFIER_NAME, {"image": images}
         )
-        (parameters,) = self._run(self._sessions[REGRESSOR_NAME], REGRESSOR_NAME, {"image": images})
         mc_session = self._sessions[MC_NAME] if seed is None else self._create_mc_session(seed=seed)
-        means, log_variances = self._run(
-            mc_session,
-            MC_NAME,
-            {"image": images, NUM_SAMPLES_INPUT: np.asarray(num_samples, dtype=np.int32)},
-        )
+        mc_feeds = {"image": images, NUM_SAMPLES_INPUT: np.asarray(num_samples, dtype=np.int32)}
+        mc_outputs = list(REQUIRED_OUTPUTS[MC_NAME])
+        if self.models.mc_gives_parameters:
+            # One trunk pass gives the distribution and the point estimates: two model
+            # calls, not three (the regressor's session still serves the OIP endpoint).
+            means, log_variances, parameters = self._run(
+                mc_session, MC_NAME, mc_feeds, [*mc_outputs, MC_PARAMETERS_OUTPUT]
+            )
+        else:
+            (parameters,) = self._run(
+                self._sessions[REGRESSOR_NAME], REGRESSOR_NAME, {"image": images}
+            )
+            means, log_variances = self._run(mc_session, MC_NAME, mc_feeds, mc_outputs)
         result = RawPredictions(
             lens_probability=np.asarray(probability, dtype=np.float32).reshape(-1),
             parameters=np.asarray(parameters, dtype=np.float32),

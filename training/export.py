@@ -22,11 +22,25 @@ import tf2onnx
 from service.preprocessing import PREPROCESSING_ID
 from training.config import BANDS, PIXEL_SCALE_ARCSEC
 from training.evaluate import METRICS_FILE, PLOT_FILES
-from training.models import PARAMETER_NAMES, build_mc_sampler, mc_trunk_and_head
+from training.models import (
+    PARAMETER_NAMES,
+    build_mc_sampler,
+    mc_trunk_and_head,
+    regressor_point_head,
+)
 from training.train import RUN_FILES, TRAINING_SUMMARY
 
 MODEL_VERSION = "1.0.0"
 ONNX_OPSET = 17
+
+_PARAMETERS_OUTPUT = {
+    "name": "parameters",
+    "shape": [None, len(PARAMETER_NAMES)],
+    "dtype": "float32",
+    "meaning": "deflector mass parameters (point estimates), in the order of components",
+    "components": list(PARAMETER_NAMES),
+    "units": ["arcsec", "", "", "arcsec", "arcsec"],
+}
 
 _OUTPUTS = {
     "lens_classifier": [
@@ -38,16 +52,7 @@ _OUTPUTS = {
             "unit": "probability",
         },
     ],
-    "einstein_radius": [
-        {
-            "name": "parameters",
-            "shape": [None, len(PARAMETER_NAMES)],
-            "dtype": "float32",
-            "meaning": "deflector mass parameters (point estimates), in the order of components",
-            "components": list(PARAMETER_NAMES),
-            "units": ["arcsec", "", "", "arcsec", "arcsec"],
-        },
-    ],
+    "einstein_radius": [_PARAMETERS_OUTPUT],
     "einstein_radius_mc": [
         {
             "name": "theta_E_samples",
@@ -63,6 +68,11 @@ _OUTPUTS = {
             "meaning": "aleatoric log-variance of theta_E for each pass (calibrated)",
             "unit": "log(arcsec^2)",
         },
+        {
+            **_PARAMETERS_OUTPUT,
+            "meaning": "the einstein_radius point estimates, from the same trunk pass "
+            "(deterministic; equal to einstein_radius.onnx), in the order of components",
+        },
     ],
 }
 
@@ -77,12 +87,37 @@ _DESCRIPTIONS = {
 }
 
 
-def _function_for(name: str, model: keras.Model):
-    """The tf.function exported for each model, with named inputs and outputs."""
+def _check_shared_trunk(trunk: keras.Model, regressor: keras.Model) -> None:
+    """Refuse to pair the regressor's head with a trunk other than the one it was trained on."""
+    own = regressor.get_layer("einstein_radius_trunk").get_weights()
+    same = len(own) == len(trunk.get_weights()) and all(
+        a.shape == b.shape and (a == b).all() for a, b in zip(own, trunk.get_weights(), strict=True)
+    )
+    if not same:
+        raise ValueError(
+            "the MC model's trunk differs from the einstein_radius trunk; the MC graph "
+            "cannot give the regressor's point estimates (retrain the MC head on this regressor)"
+        )
+
+
+def _function_for(name: str, model: keras.Model, *, regressor: keras.Model | None = None):
+    """The tf.function exported for each model, with named inputs and outputs.
+
+    The MC graph needs ``regressor``: it also outputs the regressor's point
+    estimates from its one trunk pass (the trunk the MC head was trained on).
+    """
     image_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="image")
     if name == "einstein_radius_mc":
+        if regressor is None:
+            raise ValueError("exporting einstein_radius_mc needs the einstein_radius model")
         trunk, head = mc_trunk_and_head(model)
-        return build_mc_sampler(trunk, head, tuple(model.input_shape[1:]))
+        _check_shared_trunk(trunk, regressor)
+        return build_mc_sampler(
+            trunk,
+            head,
+            tuple(model.input_shape[1:]),
+            point_head=regressor_point_head(regressor),
+        )
     output_name = _OUTPUTS[name][0]["name"]
 
     @tf.function(input_signature=[image_spec])
@@ -117,9 +152,11 @@ def _unseed_random_nodes(proto: onnx.ModelProto) -> None:
             node.attribute.extend(kept)
 
 
-def export_onnx(name: str, model: keras.Model, path: Path) -> None:
-    """Convert one model with tf2onnx and write it to ``path``."""
-    function = _function_for(name, model)
+def export_onnx(
+    name: str, model: keras.Model, path: Path, *, regressor: keras.Model | None = None
+) -> None:
+    """Convert one model with tf2onnx and write it to ``path`` (MC needs ``regressor``)."""
+    function = _function_for(name, model, regressor=regressor)
     proto, _ = tf2onnx.convert.from_function(
         function, input_signature=function.input_signature, opset=ONNX_OPSET
     )
@@ -214,10 +251,11 @@ def export_all(runs_dir: Path, models_dir: Path, *, data_dirs: list[Path]) -> li
     summary_file = runs_dir / TRAINING_SUMMARY
     training = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     cards = []
+    regressor = keras.saving.load_model(runs_dir / RUN_FILES["einstein_radius"], compile=False)
     for name, keras_file in RUN_FILES.items():
         model = keras.saving.load_model(runs_dir / keras_file, compile=False)
         onnx_path = models_dir / f"{name}.onnx"
-        export_onnx(name, model, onnx_path)
+        export_onnx(name, model, onnx_path, regressor=regressor)
         # Re-saved uncompiled: the shipped file carries weights, not optimizer state.
         model.save(models_dir / keras_file)
         card = model_card(

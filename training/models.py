@@ -4,7 +4,9 @@ Every model is a deterministic convolutional trunk followed by a task head
 (keras-hub style: backbone separate from head, stable derived layer names).
 ``einstein_radius_mc`` reuses the ``einstein_radius`` trunk and puts all its
 dropout in a small head, so T Monte Carlo samples cost one trunk pass plus T
-cheap head passes (see :func:`build_mc_sampler`).
+cheap head passes (see :func:`build_mc_sampler`); the exported MC graph also
+applies the regressor's own head to that trunk pass, so one ONNX call gives
+the point estimates and the distribution.
 """
 
 from __future__ import annotations
@@ -158,12 +160,34 @@ def mc_trunk_and_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     return trunk, head
 
 
-def build_mc_sampler(trunk: keras.Model, head: keras.Model, input_shape: tuple[int, ...]):
+def regressor_point_head(regressor: keras.Model) -> keras.Model:
+    """The layers of a :func:`build_einstein_radius` model after its trunk, as a model.
+
+    features (batch, d) -> ``parameters`` (batch, 5) in the units of
+    ``PARAMETER_NAMES`` (arcsec for theta_E and the centre). The layers and
+    weights are the regressor's own; its dropout is the identity at inference.
+    """
+    features = keras.Input(shape=(regressor.get_layer("einstein_radius_trunk").output.shape[-1],))
+    x = regressor.get_layer("einstein_radius_dropout")(features)
+    unit = regressor.get_layer("einstein_radius_unit")(x)
+    parameters = regressor.get_layer("parameters")(unit)
+    return keras.Model(features, parameters, name="einstein_radius_point_head")
+
+
+def build_mc_sampler(
+    trunk: keras.Model,
+    head: keras.Model,
+    input_shape: tuple[int, ...],
+    *,
+    point_head: keras.Model | None = None,
+):
     """A ``tf.function`` (image, num_samples) -> (means, log_variances), each (batch, T).
 
     This is the graph exported to ONNX: one trunk pass per cutout, then the
     head on T tiled copies of the features, so T samples cost little more
-    than one pass.
+    than one pass. With ``point_head`` (:func:`regressor_point_head`) it also
+    returns the regressor's ``parameters`` (batch, 5) from the same trunk pass,
+    so the point estimates need no second trunk.
     """
 
     @tf.function(
@@ -178,6 +202,9 @@ def build_mc_sampler(trunk: keras.Model, head: keras.Model, input_shape: tuple[i
         out = head(repeated, training=False)
         means = tf.identity(out[..., 0], name="theta_E_samples")
         log_variances = tf.identity(out[..., 1], name="theta_E_log_variance_samples")
-        return means, log_variances
+        if point_head is None:
+            return means, log_variances
+        parameters = tf.identity(point_head(features, training=False), name="parameters")
+        return means, log_variances, parameters
 
     return sample

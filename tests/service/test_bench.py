@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from service.bench import BenchReport, BenchRow, format_report, multipart_body
+from service.bench import (
+    FITS_TO_JSON_ROW,
+    FLOOR_ROW,
+    FULL_ROW,
+    BenchReport,
+    BenchRow,
+    format_report,
+    multipart_body,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,8 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_format_report_prints_every_row_and_the_target_ratios():
     report = BenchReport(
         rows=[
-            BenchRow("(a) in-process cls+reg", 1000.0),
-            BenchRow("(b) in-process full", 500.0),
+            BenchRow(FLOOR_ROW, 1000.0),
+            BenchRow(FULL_ROW, 600.0),
+            BenchRow(FITS_TO_JSON_ROW, 500.0),
             BenchRow("(c) HTTP multipart", 400.0, p50_ms=10.0, p95_ms=20.0, p99_ms=30.0),
             BenchRow("(d) HTTP single @64", 300.0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0),
             BenchRow("(e) Keras predict/cutout", 10.0),
@@ -27,14 +36,25 @@ def test_format_report_prints_every_row_and_the_target_ratios():
         cores=2,
         server_peak_rss_mib=300.0,
         server_steady_rss_mib=250.0,
+        server_tree_peak_rss_mib=700.0,
+        server_tree_steady_pss_mib=450.0,
         client_cpu_fraction=0.05,
     )
     text = format_report(report)
-    # Ratios from the rows above: 500/1000, 400/500, 300/500, 400/10.
-    for expected in ("(b)/(a) = 0.50", "(c)/(b) = 0.80", "(d@max)/(b) = 0.60", "(c)/(e) = 40.00"):
+    # Targets from the rows above: (b)/(a) 600/1000; the HTTP rows over (b'), which also
+    # decodes FITS: 400/500 and 300/500; (c)/(e) 400/10.
+    for expected in (
+        "(b)/(a) = 0.60",
+        "(c)/(b') = 0.80",
+        "(d@max)/(b') = 0.60",
+        "(c)/(e) = 40.00",
+    ):
         assert expected in text
+    # The ratios with FITS decode on one side only are printed too: 500/1000, 400/600, 300/600.
+    assert "(b')/(a) = 0.50, (c)/(b) = 0.67, (d@max)/(b) = 0.50" in text
     assert all(row.name in text for row in report.rows)
     assert "peak 300 MiB" in text
+    assert "steady PSS 450 MiB, sum of peak RSS 700 MiB" in text
 
 
 def test_multipart_body_holds_each_file_under_the_files_field():
@@ -76,12 +96,14 @@ def test_lensserve_bench_with_tiny_settings_prints_the_table(tmp_path: Path):
     )
     assert completed.returncode == 0, completed.stderr
     for row in (
-        "(a) in-process cls+reg",
-        "(b) in-process full",
+        FLOOR_ROW,
+        FULL_ROW,
+        FITS_TO_JSON_ROW,
         "(c) HTTP multipart",
         "(d) HTTP single @1",
         "(d) HTTP single @2",
         "provider CPUExecutionProvider",
         "server RSS: peak",
+        "server + decode worker processes: steady PSS",
     ):
         assert row in completed.stdout

@@ -19,7 +19,6 @@ from service.inference import (
     InferenceEngine,
     PreparedCutout,
     prepare_cutout,
-    summarise_in_blocks,
 )
 from service.preprocessing import preprocess_cutout
 from service.runtime import OnnxModelRuntime, RawPredictions
@@ -115,18 +114,6 @@ def test_prepare_cutout_decodes_and_preprocesses():
     np.testing.assert_allclose(
         prepared.image, preprocess_cutout(cube.astype(np.float32)), rtol=0, atol=1e-6
     )
-
-
-def test_summaries_in_blocks_equal_the_one_shot_summary():
-    rng = np.random.default_rng(11)
-    means = rng.normal(1.2, 0.1, (37, 100))
-    log_variances = rng.normal(-3.0, 0.3, (37, 100))
-    blocks, whole = (
-        summarise_in_blocks(means, log_variances),
-        summarise_mc_samples(means, log_variances),
-    )
-    for name in ("mean", "std", "aleatoric_std", "epistemic_std", "quantiles"):
-        np.testing.assert_allclose(getattr(blocks, name), getattr(whole, name), rtol=0, atol=1e-12)
 
 
 def test_large_requests_are_chunked_and_answered_in_order():

@@ -26,6 +26,8 @@ from service.cards import (
     read_model_cards,
 )
 from service.errors import InferenceError, ModelUnavailableError
+from service.fits_codec import DEFAULT_LIMITS
+from service.inference import CutoutPrediction, predict_chunk, prepare_cutout
 from service.preprocessing import PREPROCESSING_ID
 from service.runtime import (
     CPU_PROVIDER,
@@ -36,6 +38,7 @@ from service.runtime import (
 )
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
+CLEAN_SAMPLES = sorted((MODELS_DIR.parents[1] / "shared" / "samples" / "clean").glob("*.fits"))
 
 
 @pytest.fixture(scope="module")
@@ -241,3 +244,66 @@ def test_a_tampered_model_stops_load(models_copy):
     (models_copy / "lens_classifier.onnx").write_bytes(b"not a model")
     with pytest.raises(ModelUnavailableError, match="SHA-256"):
         OnnxModelRuntime(models_copy, device="cpu").load()
+
+
+# ----------------------------------------------------------------------------- two or three models
+
+
+def _without_mc_parameters(models_dir: Path) -> None:
+    """Edit the MC card so it no longer lists the point ``parameters`` (an older export)."""
+    card_path = models_dir / f"{MC_NAME}.json"
+    card = json.loads(card_path.read_text())
+    card["outputs"] = [o for o in card["outputs"] if o["name"] != "parameters"]
+    card_path.write_text(json.dumps(card))
+
+
+def _flatten(prediction: CutoutPrediction) -> list[float]:
+    distribution = prediction.einstein_radius
+    return [
+        prediction.lens_probability,
+        *prediction.parameters.values(),
+        distribution.mean,
+        distribution.std,
+        distribution.aleatoric_std,
+        distribution.epistemic_std,
+        *distribution.quantiles.values(),
+    ]
+
+
+@pytest.mark.skipif(not CLEAN_SAMPLES, reason="shared sample cutouts missing")
+def test_two_model_path_answers_as_the_three_model_path(models_copy, monkeypatch):
+    _without_mc_parameters(models_copy)
+    runtimes = {
+        "two": OnnxModelRuntime(MODELS_DIR, device="cpu", warmup_batch_sizes=()),
+        "three": OnnxModelRuntime(models_copy, device="cpu", warmup_batch_sizes=()),
+    }
+    calls: dict[str, list[str]] = {"two": [], "three": []}
+    for key, model_runtime in runtimes.items():
+        model_runtime.load()
+        run = model_runtime._run
+
+        def recording(session, name, *args, _run=run, _calls=calls[key]):
+            _calls.append(name)
+            return _run(session, name, *args)
+
+        monkeypatch.setattr(model_runtime, "_run", recording)
+    assert runtimes["two"].models.mc_gives_parameters
+    assert not runtimes["three"].models.mc_gives_parameters
+    prepared = [
+        prepare_cutout(
+            p.read_bytes(), filename=p.name, models=runtimes["two"].models, limits=DEFAULT_LIMITS
+        )
+        for p in CLEAN_SAMPLES
+    ]
+    # The same seed gives both MC sessions the same dropout masks, so every number compares.
+    answers = {
+        key: predict_chunk(model_runtime, prepared, num_samples=100, seed=2024)
+        for key, model_runtime in runtimes.items()
+    }
+    assert calls == {
+        "two": [CLASSIFIER_NAME, MC_NAME],
+        "three": [CLASSIFIER_NAME, REGRESSOR_NAME, MC_NAME],
+    }
+    for two, three in zip(answers["two"], answers["three"], strict=True):
+        assert isinstance(two, CutoutPrediction) and isinstance(three, CutoutPrediction)
+        np.testing.assert_allclose(_flatten(two), _flatten(three), rtol=0, atol=1e-4)

@@ -46,6 +46,14 @@ def test_tiny_pipeline_end_to_end(tmp_path):
             feeds["num_samples"] = np.array(5, dtype=np.int32)
         outputs = session.run(None, feeds)
         assert all(np.all(np.isfinite(o)) for o in outputs)
+    # The MC graph gives the regressor's point estimates from its one trunk pass.
+    (expected,) = ort.InferenceSession(
+        str(models / "einstein_radius.onnx"), providers=["CPUExecutionProvider"]
+    ).run(None, {"image": image})
+    (from_mc,) = ort.InferenceSession(
+        str(models / "einstein_radius_mc.onnx"), providers=["CPUExecutionProvider"]
+    ).run(["parameters"], {"image": image, "num_samples": np.array(5, dtype=np.int32)})
+    np.testing.assert_allclose(from_mc, expected, rtol=0, atol=1e-4)
     assert (models / "lens_classifier_roc.png").stat().st_size > 1000
     mc_metrics = json.loads((models / "einstein_radius_mc.json").read_text())["metrics"]
     assert 0.0 <= mc_metrics["coverage_68"] <= 1.0

@@ -61,6 +61,27 @@ def test_deterministic_models_match_keras(name, cubes):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_mc_graph_gives_the_regressor_point_estimates(cubes):
+    images = preprocess_batch(cubes)
+    card = _card("einstein_radius_mc")
+    point = next(o for o in card["outputs"] if o["name"] == "parameters")
+    regressor_output = _card("einstein_radius")["outputs"][0]
+    assert point["components"] == regressor_output["components"]
+    assert point["units"] == regressor_output["units"]
+    (expected,) = _session("einstein_radius").run(None, {"image": images})
+    for num_samples in (1, 100):
+        (got,) = _session("einstein_radius_mc").run(
+            ["parameters"], {"image": images, "num_samples": np.array(num_samples, np.int32)}
+        )
+        # The same trunk and head weights on the same inputs: equal up to float32 rounding.
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    # Deterministic: the dropout that feeds the samples does not reach this output.
+    (again,) = _session("einstein_radius_mc").run(
+        ["parameters"], {"image": images, "num_samples": np.array(7, np.int32)}
+    )
+    np.testing.assert_array_equal(again, got)
+
+
 def test_mc_model_is_stochastic_and_matches_keras_in_distribution(cubes):
     image = preprocess_batch(cubes[1:2])
     session = _session("einstein_radius_mc")
@@ -91,6 +112,14 @@ def test_predictions_do_not_depend_on_the_flux_unit(cubes, factor):
         (base,) = session.run(None, {"image": preprocess_batch(cubes)})
         (scaled,) = session.run(None, {"image": preprocess_batch(cubes * factor)})
         np.testing.assert_allclose(scaled, base, atol=1e-4)
+    mc_feeds = {"num_samples": np.array(3, np.int32)}
+    (base,) = _session("einstein_radius_mc").run(
+        ["parameters"], {"image": preprocess_batch(cubes), **mc_feeds}
+    )
+    (scaled,) = _session("einstein_radius_mc").run(
+        ["parameters"], {"image": preprocess_batch(cubes * factor), **mc_feeds}
+    )
+    np.testing.assert_allclose(scaled, base, atol=1e-4)
 
 
 def test_masked_pixels_are_tolerated(cubes):
