@@ -140,6 +140,17 @@ def load_cutout_bytes(config: BenchConfig) -> list[bytes]:
     return out
 
 
+#: Files in row (f)'s request without a cutouts folder: as many as the shared samples.
+FOLDER_REQUEST_FILES = 12
+
+
+def load_folder_request(config: BenchConfig, cycled: Sequence[bytes]) -> list[bytes]:
+    """Row (f)'s request: every file of ``cutouts_dir`` once, else the first synthesised ones."""
+    if config.cutouts_dir is not None:
+        return [path.read_bytes() for path in sorted(config.cutouts_dir.glob("*.fits"))]
+    return list(cycled[:FOLDER_REQUEST_FILES])
+
+
 def _prepare(runtime: OnnxModelRuntime, files: Sequence[bytes]) -> list[PreparedCutout]:
     """Decode and preprocess ``files`` on this thread."""
     return [
@@ -369,8 +380,17 @@ def _steady(samples_mib: list[float]) -> float | None:
     return float(np.median(samples_mib[len(samples_mib) // 2 :])) if samples_mib else None
 
 
-def measure_http(config: BenchConfig, files: Sequence[bytes], report: BenchReport) -> None:
-    """(c) and (d) against a fresh server; fills the report's rows, RSS and client CPU."""
+def measure_http(
+    config: BenchConfig,
+    files: Sequence[bytes],
+    report: BenchReport,
+    folder_files: Sequence[bytes] = (),
+) -> None:
+    """(c), (d) and (f) against a fresh server; fills the report's rows, RSS and client CPU.
+
+    (f) is a person's request: the whole cutouts folder in one multipart POST, one
+    client, so its p50 is the time to answer those files with their distributions.
+    """
     server = _Server(config)
     try:
         server.wait_ready()
@@ -384,6 +404,9 @@ def measure_http(config: BenchConfig, files: Sequence[bytes], report: BenchRepor
                 (f"(d) HTTP single @{c}", multipart_body(files[:1]), c, 1)
                 for c in config.concurrencies
             ]
+            if folder_files:
+                body = multipart_body(folder_files)
+                runs.append(("(f) HTTP one request", body, 1, len(folder_files)))
             for name, body, connections, per_request in runs:
                 figures = run_wrk(
                     url,
@@ -401,7 +424,7 @@ def measure_http(config: BenchConfig, files: Sequence[bytes], report: BenchRepor
                         p50_ms=figures["p50_us"] / 1e3,
                         p95_ms=figures["p95_us"] / 1e3,
                         p99_ms=figures["p99_us"] / 1e3,
-                        note=f"{per_request} file(s)/request, {connections} clients",
+                        note=f"{per_request} file(s)/request, {connections} client(s)",
                     )
                 )
         report.client_cpu_fraction = (_children_cpu_s() - cpu_before_s) / wall_s
@@ -445,7 +468,7 @@ def run_bench(
     report.rows.append(BenchRow(FITS_TO_JSON_ROW, fits_to_json, note=note))
     runtime.close()
     progress("(c), (d) HTTP")
-    measure_http(config, files, report)
+    measure_http(config, files, report, load_folder_request(config, files))
     if config.keras_cutouts > 0:
         progress("(e) Keras model.predict per cutout")
         from service.bench_keras import measure_keras_per_cutout

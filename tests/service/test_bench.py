@@ -102,6 +102,7 @@ def test_lensserve_bench_with_tiny_settings_prints_the_table(tmp_path: Path):
         "(c) HTTP multipart",
         "(d) HTTP single @1",
         "(d) HTTP single @2",
+        "(f) HTTP one request",
         "provider CPUExecutionProvider",
         "server RSS: peak",
         "server + decode worker processes: steady PSS",
