@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from training.config import SimulationConfig
+from training.config import PRESETS, SimulationConfig
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -23,7 +23,14 @@ def _simulate(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from training.train import train_all
 
-    train_all(Path(args.data), Path(args.runs), quick=args.quick)
+    model_config, config = PRESETS[args.preset]
+    train_all(
+        Path(args.data),
+        Path(args.runs),
+        quick=args.quick,
+        model_config=model_config,
+        config=config,
+    )
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -53,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="training data directory")
     train.add_argument("--runs", required=True, help="directory for trained Keras models")
     train.add_argument("--quick", action="store_true", help="one epoch each (tests)")
+    train.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="cpu",
+        help="model and training sizes (training/config.py PRESETS); gpu: JAX on one H100",
+    )
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("evaluate", help="metrics and plots on a test split")

@@ -12,7 +12,7 @@ the point estimates and the distribution.
 from __future__ import annotations
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from training.config import ModelConfig
 
@@ -27,13 +27,21 @@ PARAMETER_SCALES: tuple[float, ...] = (0.75, 0.12, 0.12, 0.1, 0.1)
 PARAMETER_LOSS_WEIGHTS: tuple[float, ...] = (4.0, 1.0, 1.0, 1.0, 1.0)
 
 
+def _tensorflow_backend() -> bool:
+    return keras.backend.backend() == "tensorflow"
+
+
 @keras.saving.register_keras_serializable(package="lensserve")
 class McDropout(keras.layers.Layer):
-    """Dropout that is always on, built on ``tf.random.uniform``.
+    """Dropout that is always on, built on ``tf.random.uniform`` under TensorFlow.
 
     Keras' own ``Dropout(training=True)`` exports to ONNX as
-    ``StatelessRandomUniformV2``, which tf2onnx cannot convert; this layer
-    exports as ``RandomUniformLike`` and stays stochastic in onnxruntime.
+    ``StatelessRandomUniformV2``, which tf2onnx cannot convert; under the
+    TensorFlow backend this layer exports as ``RandomUniformLike`` and stays
+    stochastic in onnxruntime. Other backends (JAX, for GPU training) draw
+    with ``keras.random.uniform`` and a ``SeedGenerator``, whose state is not
+    saved: a model saved under JAX has the same config and weights and loads
+    under TensorFlow.
     """
 
     def __init__(self, rate: float, **kwargs):
@@ -41,11 +49,19 @@ class McDropout(keras.layers.Layer):
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
         self.rate = float(rate)
+        self.seed_generator = None if _tensorflow_backend() else keras.random.SeedGenerator()
 
     def call(self, inputs):
         keep = 1.0 - self.rate
-        uniform = tf.random.uniform(tf.shape(inputs), dtype=inputs.dtype)
-        return inputs * tf.cast(uniform < keep, inputs.dtype) / keep
+        if self.seed_generator is None:
+            import tensorflow as tf  # only under the TensorFlow backend: JAX training needs no TF
+
+            uniform = tf.random.uniform(tf.shape(inputs), dtype=inputs.dtype)
+        else:
+            uniform = keras.random.uniform(
+                ops.shape(inputs), dtype=inputs.dtype, seed=self.seed_generator
+            )
+        return inputs * ops.cast(uniform < keep, inputs.dtype) / keep
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate}
@@ -61,9 +77,9 @@ class Affine(keras.layers.Layer):
         self.offset = [float(o) for o in offset]
 
     def call(self, inputs):
-        return inputs * tf.constant(self.scale, inputs.dtype) + tf.constant(
-            self.offset, inputs.dtype
-        )
+        scale = ops.convert_to_tensor(self.scale, dtype=inputs.dtype)
+        offset = ops.convert_to_tensor(self.offset, dtype=inputs.dtype)
+        return inputs * scale + offset
 
     def get_config(self):
         return {**super().get_config(), "scale": self.scale, "offset": self.offset}
@@ -78,7 +94,7 @@ class RepeatSamples(keras.layers.Layer):
         self.num_samples = int(num_samples)
 
     def call(self, inputs):
-        return tf.tile(inputs[:, None, :], [1, self.num_samples, 1])
+        return ops.tile(ops.expand_dims(inputs, 1), [1, self.num_samples, 1])
 
     def get_config(self):
         return {**super().get_config(), "num_samples": self.num_samples}
@@ -187,8 +203,10 @@ def build_mc_sampler(
     head on T tiled copies of the features, so T samples cost little more
     than one pass. With ``point_head`` (:func:`regressor_point_head`) it also
     returns the regressor's ``parameters`` (batch, 5) from the same trunk pass,
-    so the point estimates need no second trunk.
+    so the point estimates need no second trunk. Needs the TensorFlow backend
+    (export only).
     """
+    import tensorflow as tf
 
     @tf.function(
         input_signature=[
