@@ -132,6 +132,8 @@ class TrainingConfig:
     mc_head_learning_rate: float = 1e-3
     warmup_epochs: int = 1
     validation_fraction: float = 0.1
+    loader_workers: int = 1
+    """Threads that build augmented batches; batches are the same for any number."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,6 +148,8 @@ PRESETS: dict[str, tuple[ModelConfig, TrainingConfig]] = {
     "cpu": (ModelConfig(), TrainingConfig()),
     "gpu": (
         ModelConfig(stage_filters=(32, 64, 128, 256)),
-        TrainingConfig(classifier_epochs=24, regressor_epochs=80, mc_head_epochs=40),
+        TrainingConfig(
+            classifier_epochs=24, regressor_epochs=80, mc_head_epochs=40, loader_workers=8
+        ),
     ),
 }

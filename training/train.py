@@ -42,7 +42,12 @@ TRAINING_SUMMARY = "training.json"
 
 
 class AugmentedBatches(keras.utils.PyDataset):
-    """Shuffled batches with a random grid symmetry per cutout (labels transformed)."""
+    """Shuffled batches with a random grid symmetry per cutout (labels transformed).
+
+    Each batch draws its symmetries from its own generator, seeded by
+    (seed, epoch, batch index), so batches built by several loader threads
+    (``workers``; the GPU keeps several busy) come out the same as with one.
+    """
 
     def __init__(
         self,
@@ -52,23 +57,27 @@ class AugmentedBatches(keras.utils.PyDataset):
         *,
         batch_size: int,
         seed: int,
+        workers: int = 1,
     ):
-        super().__init__()
+        super().__init__(workers=workers, use_multiprocessing=False)
         self.images, self.parameters, self.targets = images, parameters, targets
         self.batch_size = batch_size
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(len(images))
+        self.seed = seed
+        self.epoch = 0
+        self.order = np.random.default_rng(seed).permutation(len(images))
 
     def __len__(self) -> int:
         return math.ceil(len(self.images) / self.batch_size)
 
     def __getitem__(self, index: int):
         rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
-        images, parameters = random_symmetry(self.images[rows], self.parameters[rows], self.rng)
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        images, parameters = random_symmetry(self.images[rows], self.parameters[rows], rng)
         return images, (parameters if self.targets is None else self.targets[rows])
 
     def on_epoch_end(self) -> None:
-        self.order = self.rng.permutation(len(self.images))
+        self.epoch += 1
+        self.order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.images))
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,7 @@ def train_classifier(
         train.is_lens[:, None],
         batch_size=config.batch_size,
         seed=config.seed,
+        workers=config.loader_workers,
     )
     model.compile(
         optimizer=_optimizer(
@@ -149,7 +159,12 @@ def train_regressor(
 ) -> keras.Model:
     model = build_einstein_radius(model_config)
     batches = AugmentedBatches(
-        train.images, train.parameters, None, batch_size=config.batch_size, seed=config.seed + 1
+        train.images,
+        train.parameters,
+        None,
+        batch_size=config.batch_size,
+        seed=config.seed + 1,
+        workers=config.loader_workers,
     )
     model.compile(
         optimizer=_optimizer(
