@@ -1,10 +1,13 @@
 # syntax=docker/dockerfile:1
 # lensserve images; the runtime stages hold only the service's dependencies (no TensorFlow).
 #   CPU (default target):             docker build -t lensserve:cpu .
-#   GPU (CUDA 12, cuDNN 9 from pip):  docker build --target gpu -t lensserve:gpu .
+#   GPU (CUDA + cuDNN 9 from pip):    docker build --target gpu -t lensserve:gpu .
 # Both serve on port 8000 as an unprivileged user, with the models baked in at /app/models.
 
 ARG PYTHON_IMAGE=python:3.11-slim
+# The CUDA and cuDNN libraries onnxruntime-gpu loads come from its [cuda,cudnn] pip extras
+# (onnxruntime-gpu 1.31: CUDA 13, so an NVIDIA driver >= 580), loaded by
+# onnxruntime.preload_dlls() at start; the base image supplies the container runtime's set-up.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------- CPU: build the venv

@@ -130,6 +130,22 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of NVIDIA's pip packages (or PyTorch's), if any.
+
+    ``onnxruntime-gpu[cuda,cudnn]`` installs them as ``nvidia-*`` wheels, which the
+    dynamic loader does not search; ``preload_dlls`` (onnxruntime >= 1.21) loads them so
+    the CUDA provider finds them without a system CUDA toolkit or ``LD_LIBRARY_PATH``.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # missing packages: the probe session then says what is wrong
+        logger.info("onnxruntime.preload_dlls() did not load the CUDA libraries: %s", exc)
+
+
 def choose_providers(device: Device, available: list[str]) -> list[str]:
     """Execution providers to request, most preferred first.
 
@@ -256,6 +272,7 @@ class OnnxModelRuntime:
         requested = choose_providers(self._device, available)
         if requested[0] != CUDA_PROVIDER:
             return requested
+        _preload_cuda_libraries()
         try:
             probe = ort.InferenceSession(
                 self.models.onnx_bytes[CLASSIFIER_NAME],
