@@ -240,7 +240,9 @@ def test_overload_is_a_quick_503_with_retry_after_and_readiness_says_so():
             assert refused.status_code == 503 and _error_code(refused) == "overloaded"
             assert refused.headers["retry-after"] == "7"
             # A third request holds its slot while its body trickles in: a fourth is refused
-            # before its body is read.
+            # before its body is read. The refused request's slot is freed once its answer
+            # has been sent, which can lag the client's read of it by a moment.
+            _wait_for(lambda: _in_flight(url) == 2, "the refused request's slot to be freed")
             with _partial_upload(url, CLEAN[4]):
                 _wait_for(lambda: _in_flight(url) == 3, "three requests in flight")
                 refused = _post(url, CLEAN[5:6], samples=16)
