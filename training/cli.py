@@ -33,6 +33,19 @@ def _train(args: argparse.Namespace) -> None:
     )
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from training.finetune import finetune_regressor
+
+    finetune_regressor(
+        Path(args.runs),
+        Path(args.data),
+        Path(args.out),
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        preset=args.preset,
+    )
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_all
 
@@ -67,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="model and training sizes (training/config.py PRESETS); gpu: JAX on one H100",
     )
     train.set_defaults(handler=_train)
+
+    finetune = commands.add_parser(
+        "finetune", help="resume a run's regressor on more data; rebuild its MC model"
+    )
+    finetune.add_argument("--runs", required=True, help="run whose models to start from")
+    finetune.add_argument("--data", required=True, help="training data directory")
+    finetune.add_argument("--out", required=True, help="directory for the new run")
+    finetune.add_argument("--epochs", type=int, default=8)
+    finetune.add_argument("--learning-rate", type=float, default=2e-4, help="peak (cosine)")
+    finetune.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+    finetune.set_defaults(handler=_finetune)
 
     evaluate = commands.add_parser("evaluate", help="metrics and plots on a test split")
     evaluate.add_argument("--data", required=True, help="test data directory")

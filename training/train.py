@@ -250,6 +250,17 @@ def train_mc_model(
     return model, scale
 
 
+def split_for_training(data_dir: Path, config: TrainingConfig) -> tuple[Split, Split, Split, Split]:
+    """(train, valid, lenses of train, lenses of valid) of a simulated set, split by the seed."""
+    data = prepare(load_dataset(data_dir))
+    order = np.random.default_rng(config.seed).permutation(len(data.images))
+    n_valid = max(1, int(len(order) * config.validation_fraction))
+    train, valid = _subset(data, order[n_valid:]), _subset(data, order[:n_valid])
+    lenses_train = _subset(train, np.flatnonzero(train.is_lens == 1))
+    lenses_valid = _subset(valid, np.flatnonzero(valid.is_lens == 1))
+    return train, valid, lenses_train, lenses_valid
+
+
 def train_all(
     data_dir: Path,
     runs_dir: Path,
@@ -266,12 +277,7 @@ def train_all(
     keras.utils.set_random_seed(config.seed)
     runs_dir.mkdir(parents=True, exist_ok=True)
 
-    data = prepare(load_dataset(data_dir))
-    order = np.random.default_rng(config.seed).permutation(len(data.images))
-    n_valid = max(1, int(len(order) * config.validation_fraction))
-    train, valid = _subset(data, order[n_valid:]), _subset(data, order[:n_valid])
-    lenses_train = _subset(train, np.flatnonzero(train.is_lens == 1))
-    lenses_valid = _subset(valid, np.flatnonzero(valid.is_lens == 1))
+    train, valid, lenses_train, lenses_valid = split_for_training(data_dir, config)
 
     regressor = train_regressor(lenses_train, lenses_valid, model_config, config)
     regressor.save(runs_dir / RUN_FILES["einstein_radius"])

@@ -32,6 +32,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert main(["train", "--data", str(data), "--runs", str(runs), "--quick"]) == 0
     assert main(["evaluate", "--data", str(data), "--runs", str(runs)]) == 0
     assert main(["export", "--runs", str(runs), "--models", str(models), "--data", str(data)]) == 0
+    _check_finetune(runs, data, tmp_path / "tuned")
 
     image = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
     for name in ("lens_classifier", "einstein_radius", "einstein_radius_mc"):
@@ -57,3 +58,27 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert (models / "lens_classifier_roc.png").stat().st_size > 1000
     mc_metrics = json.loads((models / "einstein_radius_mc.json").read_text())["metrics"]
     assert 0.0 <= mc_metrics["coverage_68"] <= 1.0
+
+
+def _check_finetune(runs, data, tuned) -> None:
+    """finetune moves the regressor, rebuilds the MC model on its trunk, keeps the classifier."""
+    import keras
+
+    command = ["finetune", "--runs", str(runs), "--data", str(data), "--out", str(tuned)]
+    assert main([*command, "--epochs", "1", "--preset", "cpu"]) == 0
+    assert (tuned / "lens_classifier.keras").read_bytes() == (
+        runs / "lens_classifier.keras"
+    ).read_bytes()
+
+    def trunk_weights(run, file):
+        model = keras.saving.load_model(run / file, compile=False)
+        trunk = next(layer for layer in model.layers if layer.name.endswith("_trunk"))
+        return trunk.get_weights()
+
+    before = trunk_weights(runs, "einstein_radius.keras")
+    after = trunk_weights(tuned, "einstein_radius.keras")
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    for a, b in zip(after, trunk_weights(tuned, "einstein_radius_mc.keras"), strict=True):
+        np.testing.assert_array_equal(a, b)
+    summary = json.loads((tuned / "training.json").read_text())
+    assert summary["fine_tuned_regressor"]["epochs"] == 1
