@@ -18,12 +18,10 @@ from pathlib import Path
 import keras
 
 from training.config import PRESETS, ModelConfig
-from training.losses import scaled_mse
 from training.train import (
     RUN_FILES,
     TRAINING_SUMMARY,
-    AugmentedBatches,
-    _optimizer,
+    fit_regressor,
     split_for_training,
     train_mc_model,
 )
@@ -52,25 +50,14 @@ def finetune_regressor(
     _, _, lenses_train, lenses_valid = split_for_training(data_dir, config)
 
     regressor = keras.saving.load_model(runs_in / RUN_FILES["einstein_radius"], compile=False)
-    batches = AugmentedBatches(
-        lenses_train.images,
-        lenses_train.parameters,
-        None,
-        batch_size=config.batch_size,
-        seed=config.seed + 11,
-        workers=config.loader_workers,
-    )
-    regressor.compile(
-        optimizer=_optimizer(
-            learning_rate, steps_per_epoch=len(batches), epochs=epochs, warmup_epochs=0
-        ),
-        loss=scaled_mse,
-    )
-    history = regressor.fit(
-        batches,
+    history = fit_regressor(
+        regressor,
+        lenses_train,
+        lenses_valid,
+        config,
         epochs=epochs,
-        verbose=2,
-        validation_data=(lenses_valid.images, lenses_valid.parameters),
+        peak_learning_rate=learning_rate,
+        seed=config.seed + 11,
     )
     regressor.save(runs_out / RUN_FILES["einstein_radius"])
     shutil.copy(runs_in / RUN_FILES["lens_classifier"], runs_out / RUN_FILES["lens_classifier"])

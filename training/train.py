@@ -158,30 +158,52 @@ def train_regressor(
     train: Split, valid: Split, model_config: ModelConfig, config: TrainingConfig
 ) -> keras.Model:
     model = build_einstein_radius(model_config)
+    fit_regressor(
+        model,
+        train,
+        valid,
+        config,
+        epochs=config.regressor_epochs,
+        peak_learning_rate=config.regressor_learning_rate,
+        seed=config.seed + 1,
+    )
+    return model
+
+
+def fit_regressor(
+    model: keras.Model,
+    train: Split,
+    valid: Split,
+    config: TrainingConfig,
+    *,
+    epochs: int,
+    peak_learning_rate: float,
+    seed: int,
+) -> keras.callbacks.History:
+    """Fit a regressor (new or resumed) on augmented lenses; the schedule of ``_optimizer``."""
     batches = AugmentedBatches(
         train.images,
         train.parameters,
         None,
         batch_size=config.batch_size,
-        seed=config.seed + 1,
+        seed=seed,
         workers=config.loader_workers,
     )
     model.compile(
         optimizer=_optimizer(
-            config.regressor_learning_rate,
+            peak_learning_rate,
             steps_per_epoch=len(batches),
-            epochs=config.regressor_epochs,
+            epochs=epochs,
             warmup_epochs=config.warmup_epochs,
         ),
         loss=scaled_mse,
     )
-    model.fit(
+    return model.fit(
         batches,
-        epochs=config.regressor_epochs,
+        epochs=epochs,
         verbose=2,
         validation_data=(valid.images, valid.parameters),
     )
-    return model
 
 
 def _augmented_features(
