@@ -20,8 +20,9 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from service.cards import InputSpec, ModelSet
-from service.fits_codec import RAW_FITS_MEDIA_TYPES, FitsLimits, decode_fits
+from service.fits_codec import RAW_FITS_MEDIA_TYPES, FitsLimits
 from service.http_body import read_capped_body
+from service.inference import decode_for_input
 
 STATIC_DIR = Path(__file__).with_name("static")
 #: Files the page loads, with their media types; nothing else under static/ is served.
@@ -47,13 +48,7 @@ def decode_pixels(
     data: bytes, *, filename: str, spec: InputSpec, limits: FitsLimits
 ) -> CutoutPixels:
     """Decode one FITS file as the models' input does, without preprocessing it."""
-    decoded = decode_fits(
-        data,
-        bands=tuple(spec.bands),
-        size_pixels=spec.image_shape[0],
-        pixel_scale_arcsec=spec.pixel_scale_arcsec,
-        limits=limits,
-    )
+    decoded = decode_for_input(data, spec=spec, limits=limits)
     pixels = decoded.pixels.astype(object)
     # JSON has no NaN: masked pixels travel as null.
     pixels[~np.isfinite(decoded.pixels)] = None

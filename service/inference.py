@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from service.batching import BatchStats, DynamicBatcher
 from service.cards import PARAMETER_COMPONENTS, InputSpec, ModelSet
 from service.errors import InferenceError, LensServeError
-from service.fits_codec import FitsLimits, decode_fits
+from service.fits_codec import DecodedCutout, FitsLimits, decode_fits
 from service.preprocessing import preprocess_cutout
 from service.runtime import MAX_SEED, ModelRuntime, RawPredictions
 from service.uncertainty import (
@@ -120,6 +120,20 @@ def prepare_cutout(
     )
 
 
+def decode_for_input(
+    data: bytes, *, spec: InputSpec, limits: FitsLimits, content_encoding: str | None = None
+) -> DecodedCutout:
+    """Decode one FITS file into the bands, size (pixels) and scale the models' input needs."""
+    return decode_fits(
+        data,
+        bands=tuple(spec.bands),
+        size_pixels=spec.image_shape[0],
+        pixel_scale_arcsec=spec.pixel_scale_arcsec,
+        limits=limits,
+        content_encoding=content_encoding,
+    )
+
+
 def prepare_cutout_for_input(
     data: bytes,
     *,
@@ -137,14 +151,7 @@ def prepare_cutout_for_input(
 
     Other parameters are those of :func:`prepare_cutout`.
     """
-    decoded = decode_fits(
-        data,
-        bands=tuple(spec.bands),
-        size_pixels=spec.image_shape[0],
-        pixel_scale_arcsec=spec.pixel_scale_arcsec,
-        limits=limits,
-        content_encoding=content_encoding,
-    )
+    decoded = decode_for_input(data, spec=spec, limits=limits, content_encoding=content_encoding)
     return PreparedCutout(
         filename=filename,
         image=preprocess_cutout(decoded.pixels),
