@@ -24,7 +24,7 @@ import re
 import threading
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -45,6 +45,7 @@ from service.errors import (
     TooManyMaskedPixelsError,
     UnsupportedMediaTypeError,
 )
+from service.plain_fits import read_plain_primary
 from service.sky import simple_tan_wcs
 
 #: Plane order assumed for a cube without a ``BANDS`` keyword.
@@ -160,8 +161,8 @@ class _Image:
     """An image HDU with data: its position, and its shape in numpy order."""
 
     index: int
-    hdu: fits.PrimaryHDU | fits.ImageHDU
-    header: fits.Header
+    hdu: fits.PrimaryHDU | fits.ImageHDU | None  # None: read by service.plain_fits
+    header: Mapping[str, object]
     full_shape: tuple[int, ...]
     shape: tuple[int, ...]  # full_shape without leading length-1 axes, at least 2D
 
@@ -171,7 +172,7 @@ class _Selection:
     """Where each requested band lives: an image and a plane (None for a 2D image)."""
 
     planes: tuple[tuple[_Image, int | None], ...]
-    header: fits.Header  # carries the WCS of the selected pixels
+    header: Mapping[str, object]  # carries the WCS of the selected pixels
     warnings: tuple[str, ...]
 
     @property
@@ -247,20 +248,107 @@ def decode_fits(
     _check_geometry(size_pixels, pixel_scale_arcsec)
     raw = _decompress(bytes(data), content_encoding=content_encoding, limits=limits)
     _check_signature(raw)
+    decoded = _decode_plain_cube(
+        raw, wanted, size_pixels=size_pixels, pixel_scale_arcsec=pixel_scale_arcsec, limits=limits
+    )
+    if decoded is not None:
+        return decoded
+    # Guards for astropy, which loops over what headers claim (the plain reader reads
+    # at most max_header_cards cards and three axes, so needs none of them).
     _check_axis_counts(raw)
     _check_header_lengths(raw, limits)
+    return _decode_with_astropy(
+        raw, wanted, size_pixels=size_pixels, pixel_scale_arcsec=pixel_scale_arcsec, limits=limits
+    )
+
+
+def _decode_plain_cube(
+    raw: bytes,
+    wanted: tuple[str, ...],
+    *,
+    size_pixels: int,
+    pixel_scale_arcsec: float,
+    limits: FitsLimits,
+) -> DecodedCutout | None:
+    """The survey's usual layout, read without astropy; None for any other file.
+
+    Same checks, warnings and pixels as :func:`_decode_with_astropy` (tests compare the two);
+    a WCS that is not plain TAN is left to astropy with the rest of the file.
+    """
+    primary = read_plain_primary(
+        raw, max_cards=limits.max_header_cards, max_pixels=limits.max_pixels
+    )
+    if primary is None:
+        return None
+    header = primary.header
+    if any(key.startswith("CTYPE") for key in header) and simple_tan_wcs(header) is None:
+        return None
+    shape = primary.data.shape
+    cube = _Image(index=0, hdu=None, header=header, full_shape=shape, shape=shape)
+    selection = _select_cube_planes(cube, wanted)
+    y0, x0, crop_warnings = _crop_origin(selection.image_shape, size_pixels)
+    planes = [plane for _, plane in selection.planes]
+    pixels = np.ascontiguousarray(
+        primary.data[planes, y0 : y0 + size_pixels, x0 : x0 + size_pixels], dtype=np.float32
+    )
+    return _finish(
+        pixels,
+        selection,
+        wanted,
+        crop_warnings,
+        origin=(y0, x0),
+        size_pixels=size_pixels,
+        pixel_scale_arcsec=pixel_scale_arcsec,
+        limits=limits,
+    )
+
+
+def _decode_with_astropy(
+    raw: bytes,
+    wanted: tuple[str, ...],
+    *,
+    size_pixels: int,
+    pixel_scale_arcsec: float,
+    limits: FitsLimits,
+) -> DecodedCutout:
+    """Any accepted layout, parsed by astropy (compressed HDUs, extensions, scaled integers)."""
     with _astropy_quietly(), _open_fits(raw) as hdul:
         images, descriptions = _read_images(hdul, limits)
         selection = _select_bands(images, descriptions, wanted)
         y0, x0, crop_warnings = _crop_origin(selection.image_shape, size_pixels)
         pixels = _read_cutout(selection, y0=y0, x0=x0, size_pixels=size_pixels)
-        centre = (size_pixels - 1) / 2
-        ra_deg, dec_deg, wcs_warnings = _centre_sky_position(
-            selection.header,
-            x=x0 + centre,
-            y=y0 + centre,
+        return _finish(
+            pixels,
+            selection,
+            wanted,
+            crop_warnings,
+            origin=(y0, x0),
+            size_pixels=size_pixels,
             pixel_scale_arcsec=pixel_scale_arcsec,
+            limits=limits,
         )
+
+
+def _finish(
+    pixels: NDArray[np.float32],
+    selection: _Selection,
+    wanted: tuple[str, ...],
+    crop_warnings: list[str],
+    *,
+    origin: tuple[int, int],
+    size_pixels: int,
+    pixel_scale_arcsec: float,
+    limits: FitsLimits,
+) -> DecodedCutout:
+    """Masked pixels as NaN, the centre's sky position and the checks on both."""
+    pixels[~np.isfinite(pixels)] = np.nan
+    centre = (size_pixels - 1) / 2
+    ra_deg, dec_deg, wcs_warnings = _centre_sky_position(
+        selection.header,
+        x=origin[1] + centre,
+        y=origin[0] + centre,
+        pixel_scale_arcsec=pixel_scale_arcsec,
+    )
     masked_fraction, mask_warnings = _check_masked(pixels, wanted, limits.max_masked_fraction)
     return DecodedCutout(
         pixels=pixels,
@@ -601,7 +689,7 @@ def _header(hdu: fits.hdu.base._BaseHDU, index: int) -> fits.Header:
         ) from exc
 
 
-def _header_value(header: fits.Header, key: str, index: int) -> object:
+def _header_value(header: Mapping[str, object], key: str, index: int) -> object:
     """The value of keyword ``key``, None when absent; InvalidFitsError when unparsable."""
     try:
         return header.get(key)
@@ -761,14 +849,13 @@ def _crop_origin(image_shape: tuple[int, int], size_pixels: int) -> tuple[int, i
 def _read_cutout(
     selection: _Selection, *, y0: int, x0: int, size_pixels: int
 ) -> NDArray[np.float32]:
-    """The cropped bands as float32, scaled by BSCALE/BZERO, masked pixels as NaN."""
+    """The cropped bands as float32, scaled by BSCALE/BZERO (BLANK -> NaN)."""
     pixels = np.empty((len(selection.planes), size_pixels, size_pixels), dtype=np.float32)
     rows, columns = slice(y0, y0 + size_pixels), slice(x0, x0 + size_pixels)
     for band, (image, plane) in enumerate(selection.planes):
         leading = (0,) * (len(image.full_shape) - len(image.shape))
         key = (*leading, *(() if plane is None else (plane,)), rows, columns)
         _read_section(image, key, out=pixels[band])
-    pixels[~np.isfinite(pixels)] = np.nan
     return pixels
 
 
@@ -820,7 +907,7 @@ def _percent(fraction: float) -> str:
 
 
 def _centre_sky_position(
-    header: fits.Header, *, x: float, y: float, pixel_scale_arcsec: float
+    header: Mapping[str, object], *, x: float, y: float, pixel_scale_arcsec: float
 ) -> tuple[float | None, float | None, list[str]]:
     """ICRS RA/Dec (degrees) at 0-based pixel (x, y) from the header's celestial WCS.
 
