@@ -40,8 +40,9 @@ HeaderValue = str | bool | int | float
 class PlainPrimary:
     """The primary HDU of a single-HDU FITS file holding a float cube.
 
-    ``header`` maps each keyword to its value (none is repeated); ``data`` is the image in numpy axis order
-    (NAXISn ... NAXIS1), big-endian, a view of the file's bytes.
+    ``header`` maps each keyword to its value (none is repeated); ``data`` is
+    the cube in numpy axis order (NAXIS3, NAXIS2, NAXIS1), big-endian, a view
+    of the file's bytes.
     """
 
     header: dict[str, HeaderValue]
