@@ -43,6 +43,7 @@ def _finetune(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         learning_rate=args.learning_rate,
         preset=args.preset,
+        ema_momentum=args.ema_momentum,
     )
 
 
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--epochs", type=int, default=8)
     finetune.add_argument("--learning-rate", type=float, default=2e-4, help="peak (cosine)")
     finetune.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
+    finetune.add_argument(
+        "--ema-momentum",
+        type=float,
+        default=None,
+        help="keep the moving average of the weights over the steps (e.g. 0.998)",
+    )
     finetune.set_defaults(handler=_finetune)
 
     evaluate = commands.add_parser("evaluate", help="metrics and plots on a test split")

@@ -35,6 +35,7 @@ def finetune_regressor(
     epochs: int,
     learning_rate: float,
     preset: str = "gpu",
+    ema_momentum: float | None = None,
 ) -> dict:
     """Resume ``runs_in``'s regressor on ``data_dir``; write all three models to ``runs_out``."""
     summary = json.loads((runs_in / TRAINING_SUMMARY).read_text())
@@ -58,6 +59,7 @@ def finetune_regressor(
         epochs=epochs,
         peak_learning_rate=learning_rate,
         seed=config.seed + 11,
+        ema_momentum=ema_momentum,
     )
     regressor.save(runs_out / RUN_FILES["einstein_radius"])
     shutil.copy(runs_in / RUN_FILES["lens_classifier"], runs_out / RUN_FILES["lens_classifier"])
@@ -70,6 +72,7 @@ def finetune_regressor(
         "data_dir": str(data_dir),
         "epochs": epochs,
         "peak_learning_rate": learning_rate,
+        "ema_momentum": ema_momentum,
         "n_train_lenses": int(len(lenses_train.images)),
         "val_loss": [float(v) for v in history.history["val_loss"]],
         "mc_head": "retrained on the fine-tuned trunk and recalibrated",

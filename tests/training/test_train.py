@@ -1,4 +1,5 @@
-"""Augmented batches are reproducible whichever loader thread builds them."""
+"""Augmented batches are reproducible whichever loader thread builds them; the MC
+model's aleatoric calibration balances its two reported intervals."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import pytest
 
 pytest.importorskip("keras")
 
-from training.train import AugmentedBatches  # noqa: E402
+from training.train import (  # noqa: E402
+    AugmentedBatches,
+    calibrate_aleatoric_scale,
+    interval_misses,
+)
 
 
 def _batches(workers: int) -> AugmentedBatches:
@@ -29,3 +34,34 @@ def test_batches_depend_on_seed_epoch_and_index_only():
     many.on_epoch_end()
     np.testing.assert_array_equal(one[0][0], many[0][0])
     assert not np.array_equal(one[0][0], first_epoch)
+
+
+def _mc_outputs(rng: np.random.Generator, n: int, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """MC means (n, 20) scattered by 0.01 and log-variances claiming ``sigma`` (arcsec)."""
+    centres = rng.uniform(0.5, 3.0, n)
+    means = centres[:, None] + 0.01 * rng.normal(size=(n, 20))
+    return means, np.full((n, 20), 2 * np.log(sigma))
+
+
+def test_calibration_leaves_a_calibrated_model_alone_and_rescales_a_wrong_one():
+    rng = np.random.default_rng(1)
+    means, log_variances = _mc_outputs(rng, 4000, sigma=0.1)
+    truth = means.mean(axis=1) + 0.2 * rng.normal(size=4000)  # the model says 0.1: too sure
+    scale = calibrate_aleatoric_scale(means, log_variances, truth)
+    assert scale == pytest.approx(2.0, rel=0.05)
+    assert max(map(abs, interval_misses(means, log_variances, truth, scale))) < 1
+
+
+def test_heavy_tails_split_the_miss_between_the_68_and_95_percent_intervals():
+    rng = np.random.default_rng(2)
+    means, log_variances = _mc_outputs(rng, 4000, sigma=0.1)
+    truth = means.mean(axis=1) + 0.06 * rng.standard_t(3, size=4000)
+    scale = calibrate_aleatoric_scale(means, log_variances, truth)
+    miss_68, miss_95 = interval_misses(means, log_variances, truth, scale)
+    # The 68% interval over-covers and the 95% under-covers, by about as much (tolerance units).
+    assert miss_68 > 0 > miss_95
+    assert abs(abs(miss_68) - abs(miss_95)) < 0.3
+    for other in (scale * 0.9, scale * 1.1):
+        assert max(map(abs, interval_misses(means, log_variances, truth, other))) > max(
+            abs(miss_68), abs(miss_95)
+        )
