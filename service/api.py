@@ -90,6 +90,7 @@ from service.inference import (
     InferenceEngine,
     PreparedCutout,
     prepare_cutout_for_input,
+    prepare_plain_cutout_for_input,
 )
 from service.isolation import IsolatedDecoder
 from service.oip_v2 import create_oip_v2_router
@@ -436,17 +437,26 @@ async def _run_decode(call: Callable[[], ResultT], *, state: _AppState) -> Resul
 
 
 async def _prepare_upload(upload: _Upload, *, state: _AppState) -> PreparedCutout | LensServeError:
-    """Decode and preprocess one file in a worker process or thread; errors are returned."""
-    call = partial(
-        prepare_cutout_for_input,
-        upload.data,
-        filename=upload.filename,
-        spec=state.runtime.models.input,
-        limits=state.limits,
-        content_encoding=upload.content_encoding,
-    )
+    """Decode and preprocess one file in a worker process or thread; errors are returned.
+
+    With worker processes, a plain float cube (the survey's usual file, read
+    without astropy) is prepared in a server thread instead: nothing native
+    parses it, and it saves two pipe crossings of the cutout.
+    """
+    options = {
+        "filename": upload.filename,
+        "spec": state.runtime.models.input,
+        "limits": state.limits,
+        "content_encoding": upload.content_encoding,
+    }
     try:
-        return await _run_decode(call, state=state)
+        if state.decoder is not None:
+            plain = partial(prepare_plain_cutout_for_input, upload.data, **options)
+            prepared = await asyncio.get_running_loop().run_in_executor(state.executor, plain)
+            if prepared is not None:
+                return prepared
+        full = partial(prepare_cutout_for_input, upload.data, **options)
+        return await _run_decode(full, state=state)
     except LensServeError as exc:
         return exc
     except Exception as exc:  # a file the codec did not foresee must not take the request down
@@ -690,10 +700,9 @@ def create_app(
                 max_memory_bytes=settings.decode_worker_max_bytes,
             )
             state.decoder.start()
-        else:
-            state.executor = ThreadPoolExecutor(
-                max_workers=settings.resolved_decode_threads, thread_name_prefix="lensserve-decode"
-            )
+        state.executor = ThreadPoolExecutor(
+            max_workers=settings.resolved_decode_threads, thread_name_prefix="lensserve-decode"
+        )
         await engine.start()
         task = asyncio.create_task(load_models(), name="lensserve-load-models")
         state.background.add(task)

@@ -359,6 +359,38 @@ def _finish(
     )
 
 
+def decode_plain_fits(
+    data: bytes,
+    *,
+    bands: Sequence[str] = DEFAULT_CUBE_BANDS,
+    size_pixels: int = 64,
+    pixel_scale_arcsec: float = 0.263,
+    limits: FitsLimits = DEFAULT_LIMITS,
+    content_encoding: str | None = None,
+) -> DecodedCutout | None:
+    """:func:`decode_fits` for an uncompressed plain float cube, without astropy; else None.
+
+    Pure Python and numpy on bytes whose structure has been checked, so it may
+    run beside the server (no native code parses the file); every other file,
+    gzip-compressed ones included, gives None and is :func:`decode_fits`'s.
+    Raises what :func:`decode_fits` raises for the same bytes.
+    """
+    wanted = _normalise_bands(bands)
+    _check_geometry(size_pixels, pixel_scale_arcsec)
+    encoding = (content_encoding or "").strip().lower()
+    if encoding not in IDENTITY_ENCODINGS or len(data) > limits.max_decompressed_bytes:
+        return None
+    if not bytes(data[: len(FITS_MAGIC)]) == FITS_MAGIC:
+        return None
+    return _decode_plain_cube(
+        bytes(data),
+        wanted,
+        size_pixels=size_pixels,
+        pixel_scale_arcsec=pixel_scale_arcsec,
+        limits=limits,
+    )
+
+
 # --------------------------------------------------------------------------- arguments
 
 

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from service.batching import BatchStats, DynamicBatcher
 from service.cards import PARAMETER_COMPONENTS, InputSpec, ModelSet
 from service.errors import InferenceError, LensServeError
-from service.fits_codec import DecodedCutout, FitsLimits, decode_fits
+from service.fits_codec import DecodedCutout, FitsLimits, decode_fits, decode_plain_fits
 from service.preprocessing import preprocess_cutout
 from service.runtime import MAX_SEED, ModelRuntime, RawPredictions
 from service.uncertainty import (
@@ -152,6 +152,35 @@ def prepare_cutout_for_input(
     Other parameters are those of :func:`prepare_cutout`.
     """
     decoded = decode_for_input(data, spec=spec, limits=limits, content_encoding=content_encoding)
+    return _prepared(decoded, filename)
+
+
+def prepare_plain_cutout_for_input(
+    data: bytes,
+    *,
+    filename: str,
+    spec: InputSpec,
+    limits: FitsLimits,
+    content_encoding: str | None = None,
+) -> PreparedCutout | None:
+    """:func:`prepare_cutout_for_input` for a plain float cube read without astropy; else None.
+
+    Safe beside the server (no native code parses the file): the API runs it in a
+    thread and sends only the files it returns None for to the decode worker processes.
+    """
+    decoded = decode_plain_fits(
+        data,
+        bands=tuple(spec.bands),
+        size_pixels=spec.image_shape[0],
+        pixel_scale_arcsec=spec.pixel_scale_arcsec,
+        limits=limits,
+        content_encoding=content_encoding,
+    )
+    return None if decoded is None else _prepared(decoded, filename)
+
+
+def _prepared(decoded: DecodedCutout, filename: str) -> PreparedCutout:
+    """A decoded cutout, preprocessed for the models."""
     return PreparedCutout(
         filename=filename,
         image=preprocess_cutout(decoded.pixels),

@@ -62,8 +62,9 @@ class Settings(BaseSettings):
 
     decode_isolation: Literal["process", "thread"] = "process"
     """Where FITS files are decoded: ``process`` runs them in worker processes, so a crash in
-    astropy's native code (tile decompression, wcslib) loses one file, not the server;
-    ``thread`` runs them in this process (no unit)."""
+    astropy's native code (tile decompression, wcslib) loses one file, not the server (plain
+    float cubes, read without astropy, stay in this process's threads); ``thread`` runs them
+    all in this process (no unit)."""
 
     decode_worker_max_bytes: int = Field(default=2 * 1024 * MiB, ge=256 * MiB)
     """Address-space limit of each decode worker process; past it the file fails with a

@@ -586,3 +586,37 @@ def test_a_failing_batch_fails_every_request_in_it(gated_client):
         assert "simulated onnxruntime failure" in error["message"]
     _GatedRuntime.fail = False
     assert _post_two(gated_client).status_code == 200
+
+
+@pytest.mark.slow
+def test_worker_processes_decode_only_what_the_plain_reader_leaves(monkeypatch):
+    """Plain cubes are prepared in a server thread; astropy's layouts cross to the workers."""
+    from service.isolation import IsolatedDecoder
+
+    sent: list[str] = []
+    original_run = IsolatedDecoder.run
+
+    async def counting_run(self, function, *args):  # type: ignore[no-untyped-def]
+        sent.append(function.keywords["filename"])
+        return await original_run(self, function, *args)
+
+    monkeypatch.setattr(IsolatedDecoder, "run", counting_run)
+    names = ["00000.fits", "00000_f64.fits", "00000_101px.fits", "00000_rice.fits"]
+    names += ["00000_mef.fits", "00000_cube.fits.gz"]
+    paths = [SAMPLES / ("clean" if "_" not in n else "formats") / n for n in names]
+    settings = Settings(device="cpu", decode_isolation="process", decode_threads=1)
+    with TestClient(create_app(settings)) as test_client:
+        assert _wait_ready(test_client).status_code == 200
+        response = test_client.post(
+            "/v1/predict",
+            files=[("files", (p.name, p.read_bytes(), "application/fits")) for p in paths],
+            params={"seed": SEED},
+        )
+    assert response.status_code == 200, response.text
+    assert sorted(sent) == ["00000_cube.fits.gz", "00000_mef.fits", "00000_rice.fits"]
+    results = response.json()["results"]
+    reference = [results[0]["lens_probability"], *results[0]["parameters"].values()]
+    for result in results[1:]:
+        tolerance = LOSSY_TOLERANCE if result["filename"].endswith(LOSSY_SUFFIXES) else 1e-4
+        got = [result["lens_probability"], *result["parameters"].values()]
+        np.testing.assert_allclose(got, reference, rtol=0, atol=tolerance)
