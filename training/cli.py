@@ -47,6 +47,13 @@ def _finetune(args: argparse.Namespace) -> None:
     )
 
 
+def _recalibrate(args: argparse.Namespace) -> None:
+    from training.calibrate import recalibrate_mc_model
+
+    scale = recalibrate_mc_model(Path(args.runs), [Path(d) for d in args.data])
+    print(f"aleatoric calibration factor: {scale:.4f}")
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_all
 
@@ -98,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the moving average of the weights over the steps (e.g. 0.998)",
     )
     finetune.set_defaults(handler=_finetune)
+
+    recalibrate = commands.add_parser(
+        "recalibrate", help="recalibrate the MC model's aleatoric scale on held-out lenses"
+    )
+    recalibrate.add_argument("--runs", required=True, help="run whose MC model to recalibrate")
+    recalibrate.add_argument(
+        "--data", required=True, nargs="+", help="simulated sets no model was trained on"
+    )
+    recalibrate.set_defaults(handler=_recalibrate)
 
     evaluate = commands.add_parser("evaluate", help="metrics and plots on a test split")
     evaluate.add_argument("--data", required=True, help="test data directory")

@@ -114,6 +114,11 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, config: dict) -> ModelConfig:
+        """The config :meth:`to_dict` wrote (JSON lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+
 
 @dataclass(frozen=True)
 class TrainingConfig:

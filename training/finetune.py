@@ -39,7 +39,7 @@ def finetune_regressor(
 ) -> dict:
     """Resume ``runs_in``'s regressor on ``data_dir``; write all three models to ``runs_out``."""
     summary = json.loads((runs_in / TRAINING_SUMMARY).read_text())
-    model_config = ModelConfig(**_tuples(summary["model_config"]))
+    model_config = ModelConfig.from_dict(summary["model_config"])
     # Augmentation threads: the preset's count is for 16 cores; more than the cores only contend.
     config = replace(
         PRESETS[preset][1],
@@ -79,10 +79,3 @@ def finetune_regressor(
     }
     (runs_out / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def _tuples(config: dict) -> dict:
-    """JSON lists back to the tuples the frozen config holds."""
-    return {
-        key: tuple(value) if isinstance(value, list) else value for key, value in config.items()
-    }

@@ -33,6 +33,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert main(["evaluate", "--data", str(data), "--runs", str(runs)]) == 0
     assert main(["export", "--runs", str(runs), "--models", str(models), "--data", str(data)]) == 0
     _check_finetune(runs, data, tmp_path / "tuned")
+    _check_recalibrate(tmp_path / "tuned", data)
 
     image = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
     for name in ("lens_classifier", "einstein_radius", "einstein_radius_mc"):
@@ -82,3 +83,25 @@ def _check_finetune(runs, data, tuned) -> None:
         np.testing.assert_array_equal(a, b)
     summary = json.loads((tuned / "training.json").read_text())
     assert summary["fine_tuned_regressor"]["epochs"] == 1
+
+
+def _check_recalibrate(run, data) -> None:
+    """recalibrate changes only the MC head's log-variance offset, to twice the log of the
+    new factor, and records the factor and its data in the run's summary."""
+    import keras
+
+    import training  # noqa: F401  (registers the custom layers)
+
+    def load():
+        return keras.saving.load_model(run / "einstein_radius_mc.keras", compile=False)
+
+    old = load()
+    assert main(["recalibrate", "--runs", str(run), "--data", str(data)]) == 0
+    new = load()
+    summary = json.loads((run / "training.json").read_text())
+    for before, after in zip(old.get_weights(), new.get_weights(), strict=True):
+        np.testing.assert_array_equal(before, after)
+    affine = new.get_layer("einstein_radius_mc_head").get_layer("theta_E_mean_log_variance")
+    factor = summary["aleatoric_calibration_factor"]
+    assert affine.offset[1] == pytest.approx(2 * np.log(factor), rel=1e-6)
+    assert summary["aleatoric_calibration_data"]["n_lenses"] == 80
