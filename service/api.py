@@ -56,6 +56,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batching import BatchStats
+from service.cpu_priority import lower_current_thread_priority
 from service.demo import create_demo_router
 from service.draining import drain_on_sigterm
 from service.errors import (
@@ -698,10 +699,14 @@ def create_app(
             state.decoder = IsolatedDecoder(
                 workers=settings.resolved_decode_threads,
                 max_memory_bytes=settings.decode_worker_max_bytes,
+                niceness=settings.decode_niceness,
             )
             state.decoder.start()
         state.executor = ThreadPoolExecutor(
-            max_workers=settings.resolved_decode_threads, thread_name_prefix="lensserve-decode"
+            max_workers=settings.resolved_decode_threads,
+            thread_name_prefix="lensserve-decode",
+            initializer=lower_current_thread_priority,
+            initargs=(settings.decode_niceness,),
         )
         await engine.start()
         task = asyncio.create_task(load_models(), name="lensserve-load-models")

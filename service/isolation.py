@@ -27,6 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from service.cpu_priority import lower_current_thread_priority
 from service.errors import InvalidFitsError
 
 logger = logging.getLogger("lensserve.isolation")
@@ -37,9 +38,11 @@ ResultT = TypeVar("ResultT")
 _PRELOAD = ["service.fits_codec", "service.preprocessing", "service.inference"]
 
 
-def _limit_worker(max_memory_bytes: int) -> None:
-    """Worker initialiser: cap the address space, so a runaway decode is a MemoryError."""
+def _limit_worker(max_memory_bytes: int, niceness: int) -> None:
+    """Worker initialiser: cap the address space, so a runaway decode is a MemoryError,
+    and lower the priority by ``niceness``."""
     resource.setrlimit(resource.RLIMIT_AS, (max_memory_bytes, max_memory_bytes))
+    lower_current_thread_priority(niceness)
 
 
 class IsolatedDecoder:
@@ -51,15 +54,18 @@ class IsolatedDecoder:
         Worker processes (count).
     max_memory_bytes : int
         Address-space limit of each worker (bytes).
+    niceness : int
+        Added to each worker's nice value (see :mod:`service.cpu_priority`).
     """
 
-    def __init__(self, *, workers: int, max_memory_bytes: int) -> None:
+    def __init__(self, *, workers: int, max_memory_bytes: int, niceness: int = 0) -> None:
         if workers < 1 or max_memory_bytes < 1:
             raise ValueError(
                 f"need workers >= 1 and max_memory_bytes >= 1; got {workers}, {max_memory_bytes}"
             )
         self._workers = workers
         self._max_memory_bytes = max_memory_bytes
+        self._niceness = niceness
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(_PRELOAD)
         self._pool: ProcessPoolExecutor | None = None
@@ -73,7 +79,7 @@ class IsolatedDecoder:
             max_workers=workers,
             mp_context=self._context,
             initializer=_limit_worker,
-            initargs=(self._max_memory_bytes,),
+            initargs=(self._max_memory_bytes, self._niceness),
         )
 
     def start(self) -> None:

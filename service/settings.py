@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     float cubes, read without astropy, stay in this process's threads); ``thread`` runs them
     all in this process (no unit)."""
 
+    decode_niceness: int = Field(default=10, ge=0, le=19)
+    """Added to the nice value of the decode threads and worker processes, so decoding
+    yields the cores to onnxruntime, whose operators wait for their slowest thread
+    (docs/performance.md); 0 leaves them at the server's priority (Linux; no unit)."""
+
     decode_worker_max_bytes: int = Field(default=2 * 1024 * MiB, ge=256 * MiB)
     """Address-space limit of each decode worker process; past it the file fails with a
     400 (bytes)."""
