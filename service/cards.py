@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.errors import ModelUnavailableError
 from service.preprocessing import PREPROCESSING_ID
+from service.uncertainty import QUANTILE_LEVELS
 
 #: Card names of the three models the service needs, by role.
 CLASSIFIER_NAME = "lens_classifier"
@@ -87,6 +88,33 @@ class OutputSpec(BaseModel):
     units: list[str] | None = Field(default=None, description="Unit of each component.")
 
 
+class IntervalCalibration(BaseModel):
+    """Recalibrated quantile levels of the MC model's predictive mixture.
+
+    The reported quantile at ``levels[i]`` is the mixture's quantile at
+    ``mixture_levels[i]``, fitted on held-out simulated lenses so that each
+    central interval covers its nominal fraction (Kuleshov et al. 2018).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    levels: tuple[float, ...] = Field(description="Reported quantile levels (fractions).")
+    mixture_levels: tuple[float, ...] = Field(description="Mixture CDF levels used for them.")
+
+    @model_validator(mode="after")
+    def _check(self) -> IntervalCalibration:
+        if self.levels != QUANTILE_LEVELS:
+            raise ValueError(f"levels must be {list(QUANTILE_LEVELS)}, got {list(self.levels)}")
+        inner = self.mixture_levels
+        if len(inner) != len(self.levels) or not all(0 < a < b < 1 for a, b in _pairs(inner)):
+            raise ValueError(f"mixture_levels must rise strictly inside (0, 1), got {list(inner)}")
+        return self
+
+
+def _pairs(values: tuple[float, ...]) -> list[tuple[float, float]]:
+    return list(zip(values[:-1], values[1:], strict=True))
+
+
 class ModelCard(BaseModel):
     """The JSON card that travels with each ONNX model in ``models/``."""
 
@@ -104,6 +132,7 @@ class ModelCard(BaseModel):
     onnx_file: str
     onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     onnx_opset: int | None = None
+    interval_calibration: IntervalCalibration | None = None
 
     @property
     def output_names(self) -> list[str]:
@@ -142,6 +171,12 @@ class ModelSet:
     def input(self) -> InputSpec:
         """The image input all three models share."""
         return self.classifier.input
+
+    @property
+    def mc_mixture_levels(self) -> tuple[float, ...]:
+        """Mixture CDF levels reported as ``QUANTILE_LEVELS`` (the card's recalibration)."""
+        calibration = self.mc.interval_calibration
+        return QUANTILE_LEVELS if calibration is None else calibration.mixture_levels
 
     @property
     def mc_gives_parameters(self) -> bool:

@@ -341,7 +341,7 @@ class InferenceEngine:
             for i in shared:
                 stop = start + len(items[i].cutouts)
                 part = raw.select(slice(start, stop), num_samples=items[i].num_samples)
-                answers[i] = _summarise(items[i], part)
+                answers[i] = _summarise(items[i], part, self._runtime.models.mc_mixture_levels)
                 start = stop
         for i, item in enumerate(items):
             if item.seed is not None:
@@ -353,7 +353,7 @@ def _predict_item(runtime: ModelRuntime, item: _BatchItem) -> list[CutoutOutcome
     """One model call for one item alone, with the item's own dropout seed."""
     images = np.stack([c.image for c in item.cutouts])
     raw = runtime.predict(images, num_samples=item.num_samples, seed=item.model_seed)
-    return _summarise(item, raw)
+    return _summarise(item, raw, runtime.models.mc_mixture_levels)
 
 
 def predict_chunk(
@@ -402,9 +402,14 @@ def predict_chunk(
     return _predict_item(runtime, item)
 
 
-def _summarise(item: _BatchItem, raw: RawPredictions) -> list[CutoutOutcome]:
-    """Per-cutout predictions from one item's raw model outputs."""
-    summary = summarise_mc_samples(raw.theta_E_samples, raw.theta_E_log_variance_samples)
+def _summarise(
+    item: _BatchItem, raw: RawPredictions, mixture_levels: tuple[float, ...]
+) -> list[CutoutOutcome]:
+    """Per-cutout predictions from one item's raw model outputs; quantiles at the MC card's
+    (recalibrated) mixture levels."""
+    summary = summarise_mc_samples(
+        raw.theta_E_samples, raw.theta_E_log_variance_samples, mixture_levels
+    )
     samples = (
         draw_predictive_samples(
             raw.theta_E_samples, raw.theta_E_log_variance_samples, item.sample_rng()

@@ -120,7 +120,9 @@ def mixture_quantiles(
 
 
 def summarise_mc_samples(
-    sample_means: NDArray[np.floating], sample_log_variances: NDArray[np.floating]
+    sample_means: NDArray[np.floating],
+    sample_log_variances: NDArray[np.floating],
+    mixture_levels: tuple[float, ...] = QUANTILE_LEVELS,
 ) -> MixtureSummary:
     """Summarise T heteroscedastic MC-dropout passes for each of n cutouts.
 
@@ -130,6 +132,10 @@ def summarise_mc_samples(
         Predicted theta_E per dropout pass (arcsec).
     sample_log_variances : ndarray, shape (n, T)
         Predicted log-variance of theta_E per pass (log arcsec^2).
+    mixture_levels : tuple of float
+        The mixture's CDF levels reported as ``QUANTILE_LEVELS``: the nominal
+        levels themselves, or the recalibrated ones of the MC model's card
+        (Kuleshov et al. 2018), which make the reported intervals cover as named.
     """
     mu = np.asarray(sample_means, dtype=np.float64)
     variance = np.exp(np.asarray(sample_log_variances, dtype=np.float64))
@@ -140,7 +146,7 @@ def summarise_mc_samples(
         std=np.sqrt(aleatoric_var + epistemic_var),
         aleatoric_std=np.sqrt(aleatoric_var),
         epistemic_std=np.sqrt(epistemic_var),
-        quantiles=mixture_quantiles(mu, np.sqrt(variance)),
+        quantiles=mixture_quantiles(mu, np.sqrt(variance), mixture_levels),
     )
 
 

@@ -15,10 +15,10 @@ import matplotlib
 import numpy as np
 from numpy.typing import NDArray
 
-from service.uncertainty import mixture_quantiles, summarise_mc_samples
+from service.uncertainty import QUANTILE_LEVELS, mixture_quantiles, summarise_mc_samples
 from training import metrics as m
 from training.dataset import load_dataset
-from training.train import RUN_FILES, prepare
+from training.train import RUN_FILES, TRAINING_SUMMARY, prepare
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend first)
@@ -69,9 +69,15 @@ def central_interval_coverage(
 
 
 def mc_metrics(
-    true_theta_e: NDArray, means: NDArray, log_variances: NDArray
+    true_theta_e: NDArray,
+    means: NDArray,
+    log_variances: NDArray,
+    mixture_levels: tuple[float, ...] = QUANTILE_LEVELS,
 ) -> tuple[dict, NDArray]:
-    summary = summarise_mc_samples(means, log_variances)
+    """MC metrics of the intervals as served (quantiles at ``mixture_levels``); the raw
+    mixture's coverage beside them."""
+    summary = summarise_mc_samples(means, log_variances, mixture_levels)
+    raw = summarise_mc_samples(means, log_variances).quantiles
     q = summary.quantiles
     coverage = central_interval_coverage(means, log_variances, true_theta_e, _NOMINAL_LEVELS)
     result = m.regression_errors(true_theta_e, summary.mean)
@@ -79,6 +85,9 @@ def mc_metrics(
         {
             "coverage_68": m.interval_coverage(true_theta_e, q[:, 1], q[:, 3]),
             "coverage_95": m.interval_coverage(true_theta_e, q[:, 0], q[:, 4]),
+            "mixture_coverage_68": m.interval_coverage(true_theta_e, raw[:, 1], raw[:, 3]),
+            "mixture_coverage_95": m.interval_coverage(true_theta_e, raw[:, 0], raw[:, 4]),
+            "mixture_levels": list(mixture_levels),
             "mean_width_68_arcsec": float(np.mean(q[:, 3] - q[:, 1])),
             "mean_width_95_arcsec": float(np.mean(q[:, 4] - q[:, 0])),
             "mean_aleatoric_std_arcsec": float(np.mean(summary.aleatoric_std)),
@@ -144,6 +153,14 @@ def _plot_coverage(coverage_curve: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def _mixture_levels(runs_dir: Path) -> tuple[float, ...]:
+    """The run's recalibrated mixture levels (``python -m training recalibrate``), or nominal."""
+    summary_file = runs_dir / TRAINING_SUMMARY
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    calibration = summary.get("interval_calibration")
+    return QUANTILE_LEVELS if calibration is None else tuple(calibration["mixture_levels"])
+
+
 def evaluate_all(data_dir: Path, runs_dir: Path) -> dict:
     """Evaluate the models in ``runs_dir`` on the split in ``data_dir``; write metrics and plots."""
     split = prepare(load_dataset(data_dir))
@@ -161,7 +178,8 @@ def evaluate_all(data_dir: Path, runs_dir: Path) -> dict:
         "lens_classifier": classifier_metrics(split.is_lens, probabilities),
         "einstein_radius": regressor_metrics(true, parameters),
     }
-    results["einstein_radius_mc"], mc_mean = mc_metrics(true[:, 0], mc[..., 0], mc[..., 1])
+    levels = _mixture_levels(runs_dir)
+    results["einstein_radius_mc"], mc_mean = mc_metrics(true[:, 0], mc[..., 0], mc[..., 1], levels)
     for result in results.values():
         result["test_split"] = {
             "n_cutouts": int(len(split.images)),

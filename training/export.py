@@ -30,7 +30,7 @@ from training.models import (
 )
 from training.train import RUN_FILES, TRAINING_SUMMARY
 
-MODEL_VERSION = "1.1.0"
+MODEL_VERSION = "1.2.0"
 ONNX_OPSET = 17
 
 _PARAMETERS_OUTPUT = {
@@ -240,6 +240,8 @@ def model_card(
         ]
         card["default_num_samples"] = int(training.get("model_config", {}).get("mc_samples", 100))
         card["aleatoric_calibration_factor"] = training.get("aleatoric_calibration_factor")
+        if training.get("interval_calibration") is not None:
+            card["interval_calibration"] = training["interval_calibration"]
     return card
 
 

@@ -36,6 +36,7 @@ from service.runtime import (
     OnnxModelRuntime,
     choose_providers,
 )
+from service.uncertainty import QUANTILE_LEVELS
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 CLEAN_SAMPLES = sorted((MODELS_DIR.parents[1] / "shared" / "samples" / "clean").glob("*.fits"))
@@ -111,6 +112,26 @@ def test_a_card_for_other_preprocessing_or_pixel_scale_is_refused(models_copy):
     card_path.write_text(json.dumps(card))
     with pytest.raises(ModelUnavailableError, match="0.2"):
         read_model_cards(models_copy)
+
+
+def test_the_mc_cards_interval_calibration_is_read_and_checked(models_copy):
+    card_path = models_copy / "einstein_radius_mc.json"
+    card = json.loads(card_path.read_text())
+    card.pop("interval_calibration", None)
+    card_path.write_text(json.dumps(card))
+    assert read_model_cards(models_copy).mc_mixture_levels == QUANTILE_LEVELS
+    mixture_levels = [0.03, 0.17, 0.5, 0.83, 0.97]
+    card["interval_calibration"] = {
+        "levels": list(QUANTILE_LEVELS),
+        "mixture_levels": mixture_levels,
+    }
+    card_path.write_text(json.dumps(card))
+    assert read_model_cards(models_copy).mc_mixture_levels == tuple(mixture_levels)
+    for bad in ([0.03, 0.17, 0.5, 0.83], [0.17, 0.03, 0.5, 0.83, 0.97], [0.0, 0.2, 0.5, 0.8, 1.0]):
+        card["interval_calibration"]["mixture_levels"] = bad
+        card_path.write_text(json.dumps(card))
+        with pytest.raises(ModelUnavailableError, match="mixture_levels"):
+            read_model_cards(models_copy)
 
 
 def test_a_card_that_is_not_json_is_refused(models_copy):

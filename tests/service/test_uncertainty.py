@@ -81,3 +81,17 @@ def test_non_finite_passes_give_non_finite_summaries_without_stalling():
     summary = summarise_mc_samples(means, np.full(means.shape, -4.0))
     assert np.all(np.isnan(summary.quantiles[0]))
     assert np.all(np.isfinite(summary.quantiles[1]))
+
+
+def test_recalibrated_levels_are_where_the_reported_quantiles_are_read():
+    rng = np.random.default_rng(4)
+    means = 1.5 + 0.05 * rng.normal(size=(30, 40))
+    log_variances = np.log(0.1**2) + 0.2 * rng.normal(size=(30, 40))
+    levels = (0.03, 0.17, 0.5, 0.83, 0.97)
+    summary = summarise_mc_samples(means, log_variances, levels)
+    expected = mixture_quantiles(means, np.exp(0.5 * log_variances), levels)
+    np.testing.assert_allclose(summary.quantiles, expected, rtol=0, atol=1e-9)
+    nominal = summarise_mc_samples(means, log_variances)
+    assert np.all(summary.quantiles[:, 1] > nominal.quantiles[:, 1])  # narrower 68% interval
+    np.testing.assert_array_equal(summary.mean, nominal.mean)
+    np.testing.assert_array_equal(summary.std, nominal.std)

@@ -65,3 +65,27 @@ def test_heavy_tails_split_the_miss_between_the_68_and_95_percent_intervals():
         assert max(map(abs, interval_misses(means, log_variances, truth, other))) > max(
             abs(miss_68), abs(miss_95)
         )
+
+
+def test_fitted_interval_levels_make_each_interval_cover_as_named_on_fresh_data():
+    from service.uncertainty import summarise_mc_samples
+    from training.calibrate import fit_interval_levels
+
+    rng = np.random.default_rng(3)
+
+    def heavy_tailed(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        means, log_variances = _mc_outputs(rng, n, sigma=0.1)
+        return means, log_variances, means.mean(axis=1) + 0.07 * rng.standard_t(3, size=n)
+
+    means, log_variances, truth = heavy_tailed(6000)
+    levels = fit_interval_levels(means, log_variances, truth)
+    assert levels[2] == 0.5 and levels[0] < levels[1] < 0.5 < levels[3] < levels[4]
+    assert levels[0] == pytest.approx(1 - levels[4]) and levels[1] == pytest.approx(1 - levels[3])
+    fresh_means, fresh_log_variances, fresh_truth = heavy_tailed(6000)
+    nominal_levels = (0.025, 0.16, 0.5, 0.84, 0.975)
+    for mixture_levels, expect_nominal in ((levels, True), (nominal_levels, False)):
+        q = summarise_mc_samples(fresh_means, fresh_log_variances, mixture_levels).quantiles
+        coverage_68 = np.mean((fresh_truth >= q[:, 1]) & (fresh_truth <= q[:, 3]))
+        coverage_95 = np.mean((fresh_truth >= q[:, 0]) & (fresh_truth <= q[:, 4]))
+        hits = abs(coverage_68 - 0.68) < 0.02 and abs(coverage_95 - 0.95) < 0.01
+        assert hits == expect_nominal, (mixture_levels, coverage_68, coverage_95)
