@@ -190,7 +190,12 @@ def test_the_engine_on_the_real_models_matches_the_runtime_called_directly():
     outcomes = asyncio.run(
         _with_engine(engine, lambda e: e.predict_cutouts(cutouts, num_samples=50, seed=9))
     )
-    summary = summarise_mc_samples(direct.theta_E_samples, direct.theta_E_log_variance_samples)
+    summary = summarise_mc_samples(
+        direct.theta_E_samples,
+        direct.theta_E_log_variance_samples,
+        runtime.models.mc_mixture_levels,  # the MC card's recalibrated levels
+    )
+    assert runtime.models.mc_mixture_levels != QUANTILE_LEVELS
     for row, outcome in enumerate(outcomes):
         assert outcome.lens_probability == pytest.approx(float(direct.lens_probability[row]))
         assert outcome.einstein_radius.mean == pytest.approx(float(summary.mean[row]))
