@@ -164,9 +164,9 @@ class PredictResponse(BaseModel):
             "examples": [
                 {
                     "model_versions": {
-                        "lens_classifier": "1.1.0",
-                        "einstein_radius": "1.1.0",
-                        "einstein_radius_mc": "1.1.0",
+                        "lens_classifier": "1.2.0",
+                        "einstein_radius": "1.2.0",
+                        "einstein_radius_mc": "1.2.0",
                     },
                     "results": [_EXAMPLE_RESULT, _EXAMPLE_FAILED_RESULT],
                 }
