@@ -182,6 +182,17 @@ class _Selection:
         return ny, nx
 
 
+@dataclass(frozen=True)
+class _Target:
+    """What the caller asked for: bands in order, cutout side (pixels), pixel scale
+    (arcsec/pixel) and the limits."""
+
+    bands: tuple[str, ...]
+    size_pixels: int
+    pixel_scale_arcsec: float
+    limits: FitsLimits
+
+
 def decode_fits(
     data: bytes,
     *,
@@ -248,33 +259,24 @@ def decode_fits(
     _check_geometry(size_pixels, pixel_scale_arcsec)
     raw = _decompress(bytes(data), content_encoding=content_encoding, limits=limits)
     _check_signature(raw)
-    decoded = _decode_plain_cube(
-        raw, wanted, size_pixels=size_pixels, pixel_scale_arcsec=pixel_scale_arcsec, limits=limits
-    )
+    target = _Target(wanted, size_pixels, pixel_scale_arcsec, limits)
+    decoded = _decode_plain_cube(raw, target)
     if decoded is not None:
         return decoded
     # Guards for astropy, which loops over what headers claim (the plain reader reads
     # at most max_header_cards cards and three axes, so needs none of them).
     _check_axis_counts(raw)
     _check_header_lengths(raw, limits)
-    return _decode_with_astropy(
-        raw, wanted, size_pixels=size_pixels, pixel_scale_arcsec=pixel_scale_arcsec, limits=limits
-    )
+    return _decode_with_astropy(raw, target)
 
 
-def _decode_plain_cube(
-    raw: bytes,
-    wanted: tuple[str, ...],
-    *,
-    size_pixels: int,
-    pixel_scale_arcsec: float,
-    limits: FitsLimits,
-) -> DecodedCutout | None:
+def _decode_plain_cube(raw: bytes, target: _Target) -> DecodedCutout | None:
     """The survey's usual layout, read without astropy; None for any other file.
 
     Same checks, warnings and pixels as :func:`_decode_with_astropy` (tests compare the two);
     a WCS that is not plain TAN is left to astropy with the rest of the file.
     """
+    limits, size = target.limits, target.size_pixels
     primary = read_plain_primary(
         raw, max_cards=limits.max_header_cards, max_pixels=limits.max_pixels
     )
@@ -285,71 +287,45 @@ def _decode_plain_cube(
         return None
     shape = primary.data.shape
     cube = _Image(index=0, hdu=None, header=header, full_shape=shape, shape=shape)
-    selection = _select_cube_planes(cube, wanted)
-    y0, x0, crop_warnings = _crop_origin(selection.image_shape, size_pixels)
+    selection = _select_cube_planes(cube, target.bands)
+    y0, x0, crop_warnings = _crop_origin(selection.image_shape, size)
     planes = [plane for _, plane in selection.planes]
     pixels = np.ascontiguousarray(
-        primary.data[planes, y0 : y0 + size_pixels, x0 : x0 + size_pixels], dtype=np.float32
+        primary.data[planes, y0 : y0 + size, x0 : x0 + size], dtype=np.float32
     )
-    return _finish(
-        pixels,
-        selection,
-        wanted,
-        crop_warnings,
-        origin=(y0, x0),
-        size_pixels=size_pixels,
-        pixel_scale_arcsec=pixel_scale_arcsec,
-        limits=limits,
-    )
+    return _finish(pixels, selection, crop_warnings, (y0, x0), target)
 
 
-def _decode_with_astropy(
-    raw: bytes,
-    wanted: tuple[str, ...],
-    *,
-    size_pixels: int,
-    pixel_scale_arcsec: float,
-    limits: FitsLimits,
-) -> DecodedCutout:
+def _decode_with_astropy(raw: bytes, target: _Target) -> DecodedCutout:
     """Any accepted layout, parsed by astropy (compressed HDUs, extensions, scaled integers)."""
     with _astropy_quietly(), _open_fits(raw) as hdul:
-        images, descriptions = _read_images(hdul, limits)
-        selection = _select_bands(images, descriptions, wanted)
-        y0, x0, crop_warnings = _crop_origin(selection.image_shape, size_pixels)
-        pixels = _read_cutout(selection, y0=y0, x0=x0, size_pixels=size_pixels)
-        return _finish(
-            pixels,
-            selection,
-            wanted,
-            crop_warnings,
-            origin=(y0, x0),
-            size_pixels=size_pixels,
-            pixel_scale_arcsec=pixel_scale_arcsec,
-            limits=limits,
-        )
+        images, descriptions = _read_images(hdul, target.limits)
+        selection = _select_bands(images, descriptions, target.bands)
+        y0, x0, crop_warnings = _crop_origin(selection.image_shape, target.size_pixels)
+        pixels = _read_cutout(selection, y0=y0, x0=x0, size_pixels=target.size_pixels)
+        return _finish(pixels, selection, crop_warnings, (y0, x0), target)
 
 
 def _finish(
     pixels: NDArray[np.float32],
     selection: _Selection,
-    wanted: tuple[str, ...],
     crop_warnings: list[str],
-    *,
     origin: tuple[int, int],
-    size_pixels: int,
-    pixel_scale_arcsec: float,
-    limits: FitsLimits,
+    target: _Target,
 ) -> DecodedCutout:
-    """Masked pixels as NaN, the centre's sky position and the checks on both."""
+    """Masked pixels as NaN, the centre's sky position (``origin``: the crop's (y0, x0) in
+    pixels) and the checks on both."""
     pixels[~np.isfinite(pixels)] = np.nan
-    centre = (size_pixels - 1) / 2
+    centre = (target.size_pixels - 1) / 2
     ra_deg, dec_deg, wcs_warnings = _centre_sky_position(
         selection.header,
         x=origin[1] + centre,
         y=origin[0] + centre,
-        pixel_scale_arcsec=pixel_scale_arcsec,
+        pixel_scale_arcsec=target.pixel_scale_arcsec,
     )
-    masked_fraction, mask_warnings = _check_masked(pixels, wanted, limits.max_masked_fraction)
+    masked_fraction, mask_warnings = _check_masked(
+        pixels, target.bands, target.limits.max_masked_fraction
+    )
     return DecodedCutout(
         pixels=pixels,
         masked_fraction=masked_fraction,
@@ -382,13 +358,7 @@ def decode_plain_fits(
         return None
     if not bytes(data[: len(FITS_MAGIC)]) == FITS_MAGIC:
         return None
-    return _decode_plain_cube(
-        bytes(data),
-        wanted,
-        size_pixels=size_pixels,
-        pixel_scale_arcsec=pixel_scale_arcsec,
-        limits=limits,
-    )
+    return _decode_plain_cube(bytes(data), _Target(wanted, size_pixels, pixel_scale_arcsec, limits))
 
 
 # --------------------------------------------------------------------------- arguments

@@ -124,14 +124,16 @@ def decode_for_input(
     data: bytes, *, spec: InputSpec, limits: FitsLimits, content_encoding: str | None = None
 ) -> DecodedCutout:
     """Decode one FITS file into the bands, size (pixels) and scale the models' input needs."""
-    return decode_fits(
-        data,
-        bands=tuple(spec.bands),
-        size_pixels=spec.image_shape[0],
-        pixel_scale_arcsec=spec.pixel_scale_arcsec,
-        limits=limits,
-        content_encoding=content_encoding,
-    )
+    return decode_fits(data, **_geometry(spec), limits=limits, content_encoding=content_encoding)
+
+
+def _geometry(spec: InputSpec) -> dict:
+    """The decoder's bands, cutout side (pixels) and pixel scale (arcsec/pixel) for ``spec``."""
+    return {
+        "bands": tuple(spec.bands),
+        "size_pixels": spec.image_shape[0],
+        "pixel_scale_arcsec": spec.pixel_scale_arcsec,
+    }
 
 
 def prepare_cutout_for_input(
@@ -169,12 +171,7 @@ def prepare_plain_cutout_for_input(
     thread and sends only the files it returns None for to the decode worker processes.
     """
     decoded = decode_plain_fits(
-        data,
-        bands=tuple(spec.bands),
-        size_pixels=spec.image_shape[0],
-        pixel_scale_arcsec=spec.pixel_scale_arcsec,
-        limits=limits,
-        content_encoding=content_encoding,
+        data, **_geometry(spec), limits=limits, content_encoding=content_encoding
     )
     return None if decoded is None else _prepared(decoded, filename)
 
