@@ -46,7 +46,7 @@ from service.errors import (
     UnsupportedMediaTypeError,
 )
 from service.plain_fits import read_plain_primary
-from service.sky import simple_tan_wcs
+from service.sky import TanWcs, simple_tan_wcs
 
 #: Plane order assumed for a cube without a ``BANDS`` keyword.
 DEFAULT_CUBE_BANDS = ("g", "r", "i")
@@ -283,7 +283,9 @@ def _decode_plain_cube(raw: bytes, target: _Target) -> DecodedCutout | None:
     if primary is None:
         return None
     header = primary.header
-    if any(key.startswith("CTYPE") for key in header) and simple_tan_wcs(header) is None:
+    has_wcs = any(key.startswith("CTYPE") for key in header)
+    plain_tan = simple_tan_wcs(header) if has_wcs else None
+    if has_wcs and plain_tan is None:
         return None
     shape = primary.data.shape
     cube = _Image(index=0, hdu=None, header=header, full_shape=shape, shape=shape)
@@ -293,7 +295,7 @@ def _decode_plain_cube(raw: bytes, target: _Target) -> DecodedCutout | None:
     pixels = np.ascontiguousarray(
         primary.data[planes, y0 : y0 + size, x0 : x0 + size], dtype=np.float32
     )
-    return _finish(pixels, selection, crop_warnings, (y0, x0), target)
+    return _finish(pixels, selection, crop_warnings, (y0, x0), target, plain_tan=plain_tan)
 
 
 def _decode_with_astropy(raw: bytes, target: _Target) -> DecodedCutout:
@@ -312,6 +314,8 @@ def _finish(
     crop_warnings: list[str],
     origin: tuple[int, int],
     target: _Target,
+    *,
+    plain_tan: TanWcs | None = None,
 ) -> DecodedCutout:
     """Masked pixels as NaN, the centre's sky position (``origin``: the crop's (y0, x0) in
     pixels) and the checks on both."""
@@ -322,6 +326,7 @@ def _finish(
         x=origin[1] + centre,
         y=origin[0] + centre,
         pixel_scale_arcsec=target.pixel_scale_arcsec,
+        plain_tan=plain_tan,
     )
     masked_fraction, mask_warnings = _check_masked(
         pixels, target.bands, target.limits.max_masked_fraction
@@ -909,18 +914,24 @@ def _percent(fraction: float) -> str:
 
 
 def _centre_sky_position(
-    header: Mapping[str, object], *, x: float, y: float, pixel_scale_arcsec: float
+    header: Mapping[str, object],
+    *,
+    x: float,
+    y: float,
+    pixel_scale_arcsec: float,
+    plain_tan: TanWcs | None = None,
 ) -> tuple[float | None, float | None, list[str]]:
     """ICRS RA/Dec (degrees) at 0-based pixel (x, y) from the header's celestial WCS.
 
     Returns Nones without a celestial WCS, and Nones with a warning when the
     WCS cannot be used; raises PixelScaleMismatchError when its pixel scale
     (arcsec/pixel) is not ``pixel_scale_arcsec`` within the tolerance.
+    ``plain_tan``: the header's plain TAN WCS when the caller has parsed it already.
     """
     try:
         if not any(key.startswith("CTYPE") for key in header):
             return None, None, []
-        plain_tan = simple_tan_wcs(header)
+        plain_tan = plain_tan or simple_tan_wcs(header)
         if plain_tan is not None:
             scales_arcsec = plain_tan.pixel_scales_arcsec()
             ra_deg, dec_deg = plain_tan.pixel_to_sky_deg(x, y)
