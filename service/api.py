@@ -648,7 +648,7 @@ def create_app(
     runtime = runtime or OnnxModelRuntime(
         settings.models_dir,
         device=settings.device,
-        intra_op_threads=settings.intra_op_threads,
+        intra_op_threads=settings.resolved_intra_op_threads,
         warmup_batch_sizes=(1, settings.max_batch_size) if settings.warmup else (),
         warmup_samples=settings.default_samples,
     )
@@ -658,6 +658,7 @@ def create_app(
         max_batch_wait_s=settings.max_batch_wait_s,
         max_queue_cutouts=settings.max_queue_cutouts,
         on_batch=metrics.observe_batch,
+        model_instances=settings.resolved_model_instances,
     )
     state = _AppState(
         settings=settings,
@@ -832,6 +833,7 @@ def create_app(
             device=settings.device,
             available_providers=available_providers(),
             intra_op_threads=runtime.intra_op_threads,
+            model_instances=engine.model_instances,
             seed_controls_dropout=runtime.seed_controls_dropout,
             versions=runtime.models.versions,
             models=runtime.models.cards,

@@ -4,8 +4,9 @@ Like Triton's dynamic batcher (``max_queue_delay_microseconds``) and MLServer's
 ``mlserver/batching/adaptive.py``: the first request to arrive in an empty
 queue waits at most ``max_batch_wait_s`` for others to join it; a batch
 leaves as soon as it holds ``max_batch_size`` items' worth of work or the
-wait is over. Batches run one at a time in a worker thread, off the event
-loop, while the next batch gathers. The queue is bounded: a request that
+wait is over. Batches run in worker threads, off the event loop, at most
+``max_concurrent_batches`` at a time (Triton's ``instance_group`` count), while
+the next batch gathers. The queue is bounded: a request that
 would push it past ``max_queue_size`` is refused at once with
 :class:`~service.errors.OverloadedError`, so a flood turns into quick 503s
 instead of unbounded memory and latency. When a batch fails, every request
@@ -78,6 +79,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         Largest total size of the items waiting (cutouts).
     on_batch : callable, optional
         Called on the event loop with a :class:`BatchStats` after each batch.
+    max_concurrent_batches : int
+        Batches that may run at once, each in its own worker thread (count);
+        ``run_batch`` must then be thread-safe. A batch leaves only when a
+        worker is free, so while all are busy the queue keeps gathering.
     """
 
     def __init__(
@@ -88,22 +93,28 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         max_batch_wait_s: float,
         max_queue_size: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        max_concurrent_batches: int = 1,
     ) -> None:
         if max_batch_size < 1 or max_queue_size < 1 or max_batch_wait_s < 0:
             raise ValueError(
                 f"need max_batch_size >= 1, max_queue_size >= 1 and max_batch_wait_s >= 0; got "
                 f"{max_batch_size}, {max_queue_size} and {max_batch_wait_s}"
             )
+        if max_concurrent_batches < 1:
+            raise ValueError(f"need max_concurrent_batches >= 1; got {max_concurrent_batches}")
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_batch_wait_s = max_batch_wait_s
         self._max_queue_size = max_queue_size
         self._on_batch = on_batch
+        self._max_concurrent_batches = max_concurrent_batches
         self._queue: deque[_Pending[ItemT, ResultT]] = deque()
         self._queued_size = 0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._free_workers: asyncio.Semaphore | None = None
+        self._running_batches: dict[asyncio.Task[None], list[_Pending[ItemT, ResultT]]] = {}
 
     @property
     def queued_size(self) -> int:
@@ -120,8 +131,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if self.running:
             return
         self._wakeup = asyncio.Event()
-        # One worker: onnxruntime already spreads one call over every core.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lensserve-batch")
+        self._free_workers = asyncio.Semaphore(self._max_concurrent_batches)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._max_concurrent_batches, thread_name_prefix="lensserve-batch"
+        )
         self._task = asyncio.create_task(self._loop(), name="lensserve-batcher")
 
     async def stop(self) -> None:
@@ -133,7 +146,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 await task
             except asyncio.CancelledError:
                 pass
-        self._fail_all(list(self._queue), ModelUnavailableError("the service is shutting down"))
+        running, self._running_batches = self._running_batches, {}
+        for batch_task in running:
+            batch_task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        shutting_down = ModelUnavailableError("the service is shutting down")
+        for batch in running.values():  # a task cancelled before it started failed nobody
+            self._fail_all(batch, shutting_down)
+        self._fail_all(list(self._queue), shutting_down)
         self._queue.clear()
         self._queued_size = 0
         if self._executor is not None:
@@ -189,15 +209,25 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         return list(outcomes)  # type: ignore[arg-type]
 
     async def _loop(self) -> None:
-        assert self._wakeup is not None
+        assert self._wakeup is not None and self._free_workers is not None
         while True:
             while not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            await self._free_workers.acquire()
             await self._wait_for_batch()
             batch = self._take_batch()
-            if batch:
-                await self._run(batch)
+            if not batch:  # every queued caller went away
+                self._free_workers.release()
+                continue
+            task = asyncio.create_task(self._run(batch), name="lensserve-batch")
+            self._running_batches[task] = batch
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running_batches.pop(task, None)
+        if self._free_workers is not None:
+            self._free_workers.release()
 
     async def _wait_for_batch(self) -> None:
         """Sleep until a full batch is queued or the oldest item has waited long enough."""

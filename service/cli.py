@@ -39,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and "LENSSERVE_INTRA_OP_THREADS" not in os.environ:
         # Share the cores among the workers instead of oversubscribing them.
         os.environ["LENSSERVE_INTRA_OP_THREADS"] = str(max(available_cores() // args.workers, 1))
+        os.environ.setdefault("LENSSERVE_MODEL_INSTANCES", "1")
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -281,6 +282,7 @@ def _bench(args: argparse.Namespace) -> int:
         num_samples=args.samples,
         concurrencies=tuple(args.concurrency),
         duration_s=args.duration_s,
+        warmup_s=args.warmup_s,
         keras_cutouts=args.keras_cutouts,
     )
     report = run_bench(config, progress=lambda step: print(f"bench: {step}", file=sys.stderr))
@@ -313,6 +315,12 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         help="single-cutout clients for row (d) (default: 1 8 64)",
     )
     parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per row")
+    parser.add_argument(
+        "--warmup-s",
+        type=float,
+        default=2.0,
+        help="untimed load before each HTTP row, seconds (default: 2; 0 skips it)",
+    )
     parser.add_argument(
         "--keras-cutouts",
         type=int,

@@ -229,6 +229,8 @@ class InferenceEngine:
         Most cutouts waiting for inference before requests are refused (cutouts).
     on_batch : callable, optional
         Receives a :class:`~service.batching.BatchStats` after every batch.
+    model_instances : int
+        Batches run at once on the one runtime, each in its own thread (count).
     """
 
     def __init__(
@@ -239,16 +241,24 @@ class InferenceEngine:
         max_batch_wait_s: float,
         max_queue_cutouts: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        model_instances: int = 1,
     ) -> None:
         self._runtime = runtime
         self._max_batch_size = max_batch_size
+        self._model_instances = model_instances
         self._batcher: DynamicBatcher[_BatchItem, list[CutoutOutcome]] = DynamicBatcher(
             self._run_batch,
             max_batch_size=max_batch_size,
             max_batch_wait_s=max_batch_wait_s,
             max_queue_size=max_queue_cutouts,
             on_batch=on_batch,
+            max_concurrent_batches=model_instances,
         )
+
+    @property
+    def model_instances(self) -> int:
+        """Batches that run at once (count)."""
+        return self._model_instances
 
     @property
     def runtime(self) -> ModelRuntime:

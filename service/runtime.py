@@ -98,7 +98,10 @@ class RawPredictions:
 
 
 class ModelRuntime(Protocol):
-    """What the inference layer needs from a model runtime."""
+    """What the inference layer needs from a model runtime.
+
+    ``predict`` may be called from several threads at once (``model_instances``).
+    """
 
     @property
     def models(self) -> ModelSet:

@@ -187,6 +187,9 @@ class ModelsResponse(BaseModel):
     device: str = Field(description="The configured device: auto, cpu or cuda.")
     available_providers: list[str] = Field(description="Providers this onnxruntime offers.")
     intra_op_threads: int = Field(description="onnxruntime threads per operator (count).")
+    model_instances: int = Field(
+        description="Batches that run at once, each with `intra_op_threads` (count)."
+    )
     seed_controls_dropout: bool = Field(
         description="Whether a request's `seed` changes the MC-dropout masks; when false, "
         "seeded answers are still reproducible but every seed gives the same masks."

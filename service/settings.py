@@ -51,8 +51,15 @@ class Settings(BaseSettings):
     only when a CUDA session can really be created, ``cpu`` never asks for it (no unit)."""
 
     intra_op_threads: int = Field(default=0, ge=0, le=1024)
-    """Threads onnxruntime uses inside one operator (count); 0 means one per available
-    core. With several uvicorn workers, ``lensserve serve`` divides the cores among them."""
+    """Threads onnxruntime uses inside one operator of one batch (count); 0 shares the
+    available cores among the ``model_instances``. With several uvicorn workers,
+    ``lensserve serve`` divides the cores among them."""
+
+    model_instances: int = Field(default=0, ge=0, le=64)
+    """Batches that run at once, each on its own thread, like Triton's ``instance_group``
+    count (count); 0 means two where at least two cores are available, else one. Two
+    batches on one thread each keep two cores busier than one batch split over both,
+    whose operators wait for their slowest thread (docs/performance.md)."""
 
     decode_threads: int = Field(default=0, ge=0, le=1024)
     """Threads, or worker processes with ``decode_isolation=process``, that decode and
@@ -187,9 +194,14 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def resolved_model_instances(self) -> int:
+        """Concurrent batches after resolving 0 to two, or one on a single core (count)."""
+        return self.model_instances or min(2, available_cores())
+
+    @property
     def resolved_intra_op_threads(self) -> int:
-        """onnxruntime intra-op threads after resolving 0 to the available cores (count)."""
-        return self.intra_op_threads or available_cores()
+        """onnxruntime intra-op threads after resolving 0 to the cores per instance (count)."""
+        return self.intra_op_threads or max(1, available_cores() // self.resolved_model_instances)
 
     @property
     def resolved_decode_threads(self) -> int:

@@ -34,7 +34,7 @@ from service.errors import (
     PayloadTooLargeError,
 )
 from service.runtime import OnnxModelRuntime
-from service.settings import Settings
+from service.settings import Settings, available_cores
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO.parent / "shared" / "samples"
@@ -390,6 +390,9 @@ def test_models_endpoint_and_health(client):
     body = client.get("/v1/models").json()
     assert body["provider"] == "CPUExecutionProvider"  # the server fixture runs with device=cpu
     assert body["provider"] in body["available_providers"]
+    # The defaults: two batches at once where there are two cores, the cores shared.
+    assert body["model_instances"] == min(2, available_cores())
+    assert body["model_instances"] * body["intra_op_threads"] <= max(available_cores(), 1)
     assert set(body["models"]) == {"lens_classifier", "einstein_radius", "einstein_radius_mc"}
     for name, card in body["models"].items():
         assert body["versions"][name] == card["version"]
@@ -543,6 +546,7 @@ def gated_client(monkeypatch) -> Iterator[TestClient]:
         max_queue_cutouts=2,
         max_batch_wait_s=0.0,
         overload_retry_after_s=3,
+        model_instances=1,  # one batch at the gate at a time: the next request queues
     )
     with TestClient(create_app(settings)) as test_client:
         assert _wait_ready(test_client).status_code == 200

@@ -340,8 +340,117 @@ def test_stop_fails_waiting_requests():
     assert all(isinstance(o, ModelUnavailableError) for o in outcomes)
 
 
+class Overlap:
+    """A batch function that records how many batches were running at once (at most)."""
+
+    def __init__(self, *, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self.running = 0
+        self.most_at_once = 0
+        self.threads: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.threads.add(threading.current_thread().name)
+        time.sleep(self.hold_s)
+        with self._lock:
+            self.running -= 1
+        return [2 * item for item in items]
+
+
+@pytest.mark.parametrize("instances", [1, 2, 3])
+def test_at_most_max_concurrent_batches_run_at_once_and_each_request_gets_its_own_result(
+    instances,
+):
+    overlap = Overlap(hold_s=0.05)
+
+    async def body() -> list[int]:
+        batcher = DynamicBatcher(
+            overlap,
+            max_batch_size=2,
+            max_batch_wait_s=0.0,
+            max_queue_size=100,
+            max_concurrent_batches=instances,
+        )
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.submit(i) for i in range(12)))
+        finally:
+            await batcher.stop()
+
+    assert run(body) == [2 * i for i in range(12)]
+    # Six batches of two, each held 50 ms: every worker is used, never more than that.
+    assert overlap.most_at_once == instances
+    assert len(overlap.threads) == instances
+
+
+def test_stop_fails_the_requests_of_every_running_batch():
+    release = threading.Event()
+
+    def blocked(items: list[int]) -> list[int]:
+        release.wait(5.0)
+        return items
+
+    async def body() -> list[Any]:
+        batcher = DynamicBatcher(
+            blocked,
+            max_batch_size=1,
+            max_batch_wait_s=0.0,
+            max_queue_size=10,
+            max_concurrent_batches=2,
+        )
+        await batcher.start()
+        futures = [asyncio.ensure_future(batcher.submit(i)) for i in range(4)]
+        await asyncio.sleep(0.05)  # two batches running, two items queued
+        await batcher.stop()
+        release.set()
+        return await asyncio.gather(*futures, return_exceptions=True)
+
+    outcomes = run(body)
+    assert all(isinstance(o, ModelUnavailableError) for o in outcomes), outcomes
+
+
+def test_a_failing_batch_fails_only_its_own_requests_while_another_runs():
+    def fail_odd(items: list[int]) -> list[int]:
+        time.sleep(0.02)
+        if items[0] % 2:
+            raise RuntimeError(f"bad batch {items}")
+        return items
+
+    async def body() -> list[Any]:
+        batcher = DynamicBatcher(
+            fail_odd,
+            max_batch_size=1,
+            max_batch_wait_s=0.0,
+            max_queue_size=10,
+            max_concurrent_batches=2,
+        )
+        await batcher.start()
+        try:
+            return await asyncio.gather(
+                *(batcher.submit(i) for i in range(6)), return_exceptions=True
+            )
+        finally:
+            await batcher.stop()
+
+    outcomes = run(body)
+    assert outcomes[0::2] == [0, 2, 4]
+    assert all(isinstance(o, InferenceError) and "bad batch" in str(o) for o in outcomes[1::2])
+
+
 def test_nonsense_configuration_is_rejected():
     with pytest.raises(ValueError):
         DynamicBatcher(Recorder(), max_batch_size=0, max_batch_wait_s=0.0, max_queue_size=1)
     with pytest.raises(ValueError):
         DynamicBatcher(Recorder(), max_batch_size=1, max_batch_wait_s=-1.0, max_queue_size=1)
+    with pytest.raises(ValueError):
+        DynamicBatcher(
+            Recorder(),
+            max_batch_size=1,
+            max_batch_wait_s=0.0,
+            max_queue_size=1,
+            max_concurrent_batches=0,
+        )

@@ -140,8 +140,13 @@ def _error_code(response: httpx.Response) -> str:
 @pytest.mark.slow
 def test_an_onnxruntime_failure_fails_only_its_batch_and_the_service_recovers():
     runtime = FaultyRuntime()
-    settings = Settings(
-        device="cpu", warmup=False, max_batch_size=4, max_batch_wait_s=0.0, max_files=4
+    settings = Settings(  # one batch at a time, so the others queue behind the held one
+        device="cpu",
+        warmup=False,
+        max_batch_size=4,
+        max_batch_wait_s=0.0,
+        max_files=4,
+        model_instances=1,
     )
     with serve(settings, runtime) as url:
         runtime.gate.clear()
@@ -169,7 +174,9 @@ def test_an_onnxruntime_failure_fails_only_its_batch_and_the_service_recovers():
 @pytest.mark.slow
 def test_a_client_that_disconnects_has_its_queued_work_dropped():
     runtime = FaultyRuntime()
-    settings = Settings(device="cpu", warmup=False, max_batch_size=8, max_batch_wait_s=0.0)
+    settings = Settings(  # one batch at a time, so the others queue behind the held one
+        device="cpu", warmup=False, max_batch_size=8, max_batch_wait_s=0.0, model_instances=1
+    )
     with serve(settings, runtime) as url:
         runtime.gate.clear()
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -225,6 +232,7 @@ def test_overload_is_a_quick_503_with_retry_after_and_readiness_says_so():
         max_queue_cutouts=2,
         max_concurrent_requests=3,
         overload_retry_after_s=7,
+        model_instances=1,  # one batch at a time, so the next request queues
     )
     with serve(settings, runtime) as url:
         runtime.gate.clear()

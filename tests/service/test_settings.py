@@ -29,7 +29,14 @@ def test_defaults_match_the_documented_service_contract():
     assert settings.max_files == 256
     assert settings.default_samples == 100 and settings.max_samples == 1000
     assert settings.max_masked_fraction == 0.25
-    assert settings.resolved_intra_op_threads == available_cores() >= 1
+    # Two batches at once (one on a single core), sharing the cores without oversubscribing.
+    assert settings.resolved_model_instances == min(2, available_cores())
+    assert settings.resolved_intra_op_threads == max(
+        1, available_cores() // min(2, available_cores())
+    )
+    assert settings.resolved_model_instances * settings.resolved_intra_op_threads <= max(
+        available_cores(), 1
+    )
     assert settings.resolved_decode_threads == available_cores()  # worker processes
 
 
@@ -49,6 +56,15 @@ def test_values_come_from_prefixed_environment_variables(monkeypatch, tmp_path):
     assert settings.max_files == 256
 
 
+def test_one_model_instance_gets_every_core_and_explicit_threads_win(monkeypatch):
+    monkeypatch.setenv("LENSSERVE_MODEL_INSTANCES", "1")
+    settings = Settings()
+    assert settings.resolved_model_instances == 1
+    assert settings.resolved_intra_op_threads == available_cores()
+    explicit = Settings(model_instances=3, intra_op_threads=2)
+    assert (explicit.resolved_model_instances, explicit.resolved_intra_op_threads) == (3, 2)
+
+
 def test_explicit_arguments_override_the_environment(monkeypatch):
     monkeypatch.setenv("LENSSERVE_MAX_FILES", "7")
     assert Settings(max_files=9).max_files == 9
@@ -66,6 +82,8 @@ def test_explicit_arguments_override_the_environment(monkeypatch):
         ("max_masked_fraction", 1.5),
         ("max_samples", 0),
         ("intra_op_threads", -1),
+        ("model_instances", -1),
+        ("model_instances", 65),
         ("log_level", "chatty"),
     ],
 )
