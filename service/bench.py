@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from service.fits_codec import DEFAULT_LIMITS
 from service.inference import PreparedCutout, predict_chunk, prepare_cutout
 from service.runtime import Device, OnnxModelRuntime
 from service.schemas import PredictResponse, encode_result
-from service.settings import available_cores
+from service.settings import Settings, available_cores
 
 #: wrk's script: POST one fixed body; print the figures as one JSON line when done.
 _WRK_SCRIPT = r"""
@@ -87,6 +88,9 @@ class BenchConfig:
     """Concurrent single-cutout clients for row (d) (connections)."""
     duration_s: float = 10.0
     """How long each row runs (seconds)."""
+    warmup_s: float = 2.0
+    """Load sent before each HTTP row and not counted, as the in-process rows call once
+    before timing (seconds; 0 skips it, wrk rounds up to whole seconds)."""
     keras_cutouts: int = 20
     """Cutouts sent through the Keras baseline (e); 0 skips it (cutouts)."""
 
@@ -110,6 +114,10 @@ class BenchReport:
     rows: list[BenchRow] = field(default_factory=list)
     provider: str = ""
     cores: int = 0
+    model_instances: int = 1
+    """Batches run at once, in-process as in the server (count)."""
+    intra_op_threads: int = 0
+    """onnxruntime threads per operator of each batch (count)."""
     server_peak_rss_mib: float | None = None
     server_steady_rss_mib: float | None = None
     server_tree_peak_rss_mib: float | None = None
@@ -159,25 +167,40 @@ def _prepare(runtime: OnnxModelRuntime, files: Sequence[bytes]) -> list[Prepared
     ]
 
 
-def _rate(call: Callable[[], object], *, cutouts_per_call: int, duration_s: float) -> float:
-    """Cutouts/s of ``call`` run back to back for ``duration_s`` (at least twice)."""
-    call()  # warm caches outside the timed window
-    calls = 0
-    started = time.perf_counter()
-    while calls < 2 or time.perf_counter() - started < duration_s:
-        call()
-        calls += 1
+def _rate(
+    call: Callable[[], object], *, cutouts_per_call: int, duration_s: float, callers: int = 1
+) -> float:
+    """Cutouts/s of ``call`` run back to back by ``callers`` threads for ``duration_s``.
+
+    Each thread calls once before the timed window (warm caches) and at least twice in it;
+    ``callers`` is the server's ``model_instances``, so in-process rows run batches the
+    way the server does.
+    """
+    with ThreadPoolExecutor(max_workers=callers) as pool:
+        list(pool.map(lambda _: call(), range(callers)))
+        started = time.perf_counter()
+
+        def loop(_: int) -> int:
+            calls = 0
+            while calls < 2 or time.perf_counter() - started < duration_s:
+                call()
+                calls += 1
+            return calls
+
+        calls = sum(pool.map(loop, range(callers)))
     return calls * cutouts_per_call / (time.perf_counter() - started)
 
 
-def measure_floor(runtime: OnnxModelRuntime, images: np.ndarray, duration_s: float) -> float:
+def measure_floor(
+    runtime: OnnxModelRuntime, images: np.ndarray, duration_s: float, *, callers: int = 1
+) -> float:
     """(a): classifier + regressor on one batch, no decoding, no MC (cutouts/s)."""
 
     def call() -> None:
         runtime.run_model(CLASSIFIER_NAME, {"image": images})
         runtime.run_model(REGRESSOR_NAME, {"image": images})
 
-    return _rate(call, cutouts_per_call=len(images), duration_s=duration_s)
+    return _rate(call, cutouts_per_call=len(images), duration_s=duration_s, callers=callers)
 
 
 def _answer_json(
@@ -199,27 +222,36 @@ def measure_full_answer(
     *,
     num_samples: int,
     duration_s: float,
+    callers: int = 1,
 ) -> float:
     """(b): the full answer for one ready, preprocessed batch, in-process (cutouts/s)."""
     return _rate(
         lambda: _answer_json(runtime, prepared, num_samples),
         cutouts_per_call=len(prepared),
         duration_s=duration_s,
+        callers=callers,
     )
 
 
 def measure_fits_to_json(
-    runtime: OnnxModelRuntime, files: Sequence[bytes], *, num_samples: int, duration_s: float
+    runtime: OnnxModelRuntime,
+    files: Sequence[bytes],
+    *,
+    num_samples: int,
+    duration_s: float,
+    callers: int = 1,
 ) -> float:
-    """(b'): FITS bytes to JSON answer in-process, one thread, per batch (cutouts/s).
+    """(b'): FITS bytes to JSON answer in-process, a batch per call (cutouts/s).
 
-    One thread: decoding is mostly Python (astropy) under the GIL, and a thread pool
-    measured slower than a loop (191 vs 144 ms for 64 files on 2 cores).
+    Each caller decodes its batch on its own thread, then answers it: decoding is mostly
+    Python under the GIL, and a pool per batch measured slower than a loop (191 vs 144 ms
+    for 64 files on 2 cores).
     """
     return _rate(
         lambda: _answer_json(runtime, _prepare(runtime, files), num_samples),
         cutouts_per_call=len(files),
         duration_s=duration_s,
+        callers=callers,
     )
 
 
@@ -380,6 +412,26 @@ def _steady(samples_mib: list[float]) -> float | None:
     return float(np.median(samples_mib[len(samples_mib) // 2 :])) if samples_mib else None
 
 
+def _warm_then_time(
+    url: str, body: bytes, *, connections: int, config: BenchConfig, workdir: Path
+) -> tuple[dict[str, float], float]:
+    """One HTTP row: ``config.warmup_s`` of untimed load, then the timed wrk run.
+
+    Returns the timed run's figures and wrk's wall time for both runs (seconds), so the
+    client's CPU share covers every second it ran.
+    """
+    wall_s = 0.0
+    if config.warmup_s > 0:  # the in-process rows also call once before timing
+        warmup = run_wrk(
+            url, body, connections=connections, duration_s=config.warmup_s, workdir=workdir
+        )
+        wall_s += warmup["duration_us"] / 1e6
+    figures = run_wrk(
+        url, body, connections=connections, duration_s=config.duration_s, workdir=workdir
+    )
+    return figures, wall_s + figures["duration_us"] / 1e6
+
+
 def measure_http(
     config: BenchConfig,
     files: Sequence[bytes],
@@ -408,15 +460,11 @@ def measure_http(
                 body = multipart_body(folder_files)
                 runs.append(("(f) HTTP one request", body, 1, len(folder_files)))
             for name, body, connections, per_request in runs:
-                figures = run_wrk(
-                    url,
-                    body,
-                    connections=connections,
-                    duration_s=config.duration_s,
-                    workdir=Path(tmp),
+                figures, wrk_wall_s = _warm_then_time(
+                    url, body, connections=connections, config=config, workdir=Path(tmp)
                 )
+                wall_s += wrk_wall_s
                 seconds = figures["duration_us"] / 1e6
-                wall_s += seconds
                 report.rows.append(
                     BenchRow(
                         name=name,
@@ -439,32 +487,53 @@ def measure_http(
 def run_bench(
     config: BenchConfig, *, progress: Callable[[str], None] = lambda _: None
 ) -> BenchReport:
-    """Measure every row; the HTTP server runs only while (c) and (d) run."""
+    """Measure every row; the HTTP server runs only while (c) and (d) run.
+
+    The in-process rows run the server's ``model_instances`` batches at once with its
+    ``intra_op_threads`` (both from the ``LENSSERVE_*`` environment the server also reads).
+    """
+    settings = Settings()
+    callers = settings.resolved_model_instances
     runtime = OnnxModelRuntime(
         config.models_dir,
         device=config.device,
+        intra_op_threads=settings.resolved_intra_op_threads,
         warmup_batch_sizes=(config.batch_size,),
         warmup_samples=config.num_samples,
     )
     runtime.load()
-    report = BenchReport(provider=runtime.provider, cores=available_cores())
+    report = BenchReport(
+        provider=runtime.provider,
+        cores=available_cores(),
+        model_instances=callers,
+        intra_op_threads=runtime.intra_op_threads,
+    )
     files = load_cutout_bytes(config)
     prepared = _prepare(runtime, files)
     images = np.stack([c.image for c in prepared])
     progress("(a) in-process floor")
-    floor = measure_floor(runtime, images, config.duration_s)
-    report.rows.append(BenchRow(FLOOR_ROW, floor, note=f"batch {len(files)}, ready batch"))
+    floor = measure_floor(runtime, images, config.duration_s, callers=callers)
+    note = f"batch {len(files)} x{callers}, ready batch"
+    report.rows.append(BenchRow(FLOOR_ROW, floor, note=note))
     progress("(b) in-process full answer")
     full = measure_full_answer(
-        runtime, prepared, num_samples=config.num_samples, duration_s=config.duration_s
+        runtime,
+        prepared,
+        num_samples=config.num_samples,
+        duration_s=config.duration_s,
+        callers=callers,
     )
-    note = f"batch {len(files)}, {config.num_samples} MC samples, ready batch to JSON"
+    note = f"batch {len(files)} x{callers}, {config.num_samples} MC samples, ready to JSON"
     report.rows.append(BenchRow(FULL_ROW, full, note=note))
     progress("(b') in-process FITS to JSON")
     fits_to_json = measure_fits_to_json(
-        runtime, files, num_samples=config.num_samples, duration_s=config.duration_s
+        runtime,
+        files,
+        num_samples=config.num_samples,
+        duration_s=config.duration_s,
+        callers=callers,
     )
-    note = f"batch {len(files)}, {config.num_samples} MC samples, FITS decode included"
+    note = f"batch {len(files)} x{callers}, {config.num_samples} MC samples, FITS decoded"
     report.rows.append(BenchRow(FITS_TO_JSON_ROW, fits_to_json, note=note))
     runtime.close()
     progress("(c), (d) HTTP")
@@ -520,7 +589,8 @@ def format_report(report: BenchReport) -> str:
         f"for reference: (b')/(a) = {_ratio(fits_to_json, floor)}, "
         f"(c)/(b) = {_ratio(batch, full)}, (d@max)/(b) = {_ratio(single, full)} "
         "(FITS decode on one side only)",
-        f"provider {report.provider}; {report.cores} cores",
+        f"provider {report.provider}; {report.cores} cores; {report.model_instances} model "
+        f"instance(s) x {report.intra_op_threads} operator thread(s), in-process and server",
     ]
     if report.server_peak_rss_mib is not None:
         lines.append(

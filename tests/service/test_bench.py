@@ -85,6 +85,8 @@ def test_lensserve_bench_with_tiny_settings_prints_the_table(tmp_path: Path):
             "2",
             "--duration-s",
             "0.5",
+            "--warmup-s",
+            "1",
             "--keras-cutouts",
             "0",
         ],
