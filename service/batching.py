@@ -6,8 +6,10 @@ queue waits at most ``max_batch_wait_s`` for others to join it; a batch
 leaves as soon as it holds ``max_batch_size`` items' worth of work or the
 wait is over. Batches run in worker threads, off the event loop, at most
 ``max_concurrent_batches`` at a time (Triton's ``instance_group`` count), while
-the next batch gathers. The queue is bounded: a request that
-would push it past ``max_queue_size`` is refused at once with
+the next batch gathers. When several workers are free, the waiting work is
+shared among them (a batch takes at most its share), so a lone request that
+arrives in parts keeps every worker busy; under a backlog batches fill up.
+The queue is bounded: a request that would push it past ``max_queue_size`` is refused at once with
 :class:`~service.errors.OverloadedError`, so a flood turns into quick 503s
 instead of unbounded memory and latency. When a batch fails, every request
 in it receives the error.
@@ -244,7 +246,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 return
 
     def _take_batch(self) -> list[_Pending[ItemT, ResultT]]:
-        """Pop whole items from the front while they fit in one batch (at least one)."""
+        """Pop whole items from the front while they fit in this batch (at least one).
+
+        The batch holds at most ``max_batch_size``, and at most its share of the queue
+        when other workers are free too.
+        """
+        free_workers = self._max_concurrent_batches - len(self._running_batches)
+        share = -(-self._queued_size // max(free_workers, 1))  # ceiling division
+        limit = min(self._max_batch_size, max(share, 1))
         batch: list[_Pending[ItemT, ResultT]] = []
         size = 0
         while self._queue:
@@ -253,7 +262,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 self._queue.popleft()
                 self._queued_size -= head.size
                 continue
-            if batch and size + head.size > self._max_batch_size:
+            if batch and size + head.size > limit:
                 break
             self._queue.popleft()
             self._queued_size -= head.size

@@ -321,7 +321,7 @@ class InferenceEngine:
         """
         if not cutouts:
             return []
-        size = self._max_batch_size
+        size = self._chunk_size(len(cutouts), seeded=seed is not None)
         chunks = [
             _BatchItem(
                 cutouts=tuple(cutouts[start : start + size]),
@@ -334,6 +334,18 @@ class InferenceEngine:
         ]
         answers = await self._batcher.submit_many([(chunk, len(chunk.cutouts)) for chunk in chunks])
         return [outcome for answer in answers for outcome in answer]
+
+    def _chunk_size(self, n_cutouts: int, *, seeded: bool) -> int:
+        """Cutouts per queued chunk of a request: at most a batch.
+
+        An unseeded request is also split among the model instances, so that a lone
+        request runs on all of them at once (the batcher merges chunks again under a
+        backlog). A seeded request keeps batch-sized chunks: the dropout seed of each
+        chunk derives from its index, and must not depend on the server's instances.
+        """
+        if seeded:
+            return self._max_batch_size
+        return min(self._max_batch_size, -(-n_cutouts // self._model_instances))
 
     def _run_batch(self, items: list[_BatchItem]) -> list[list[CutoutOutcome]]:
         """Run one batch in the worker thread: one model call for all unseeded items."""

@@ -387,6 +387,29 @@ def test_at_most_max_concurrent_batches_run_at_once_and_each_request_gets_its_ow
     assert len(overlap.threads) == instances
 
 
+@pytest.mark.parametrize("instances, expected", [(1, [[0, 1, 2, 3]]), (2, [[0, 1], [2, 3]])])
+def test_idle_workers_share_the_queue_and_a_busy_one_takes_a_full_batch(instances, expected):
+    recorder = Recorder(delay_s=0.05)
+
+    async def body() -> list[int]:
+        batcher = DynamicBatcher(
+            recorder,
+            max_batch_size=64,
+            max_batch_wait_s=0.01,
+            max_queue_size=100,
+            max_concurrent_batches=instances,
+        )
+        await batcher.start()
+        try:
+            return await batcher.submit_many([(i, 3) for i in range(4)])
+        finally:
+            await batcher.stop()
+
+    assert run(body) == [0, 2, 4, 6]
+    # Four items of 3 fit one batch of 64; two idle workers take half each instead.
+    assert sorted(recorder.batches) == expected
+
+
 def test_stop_fails_the_requests_of_every_running_batch():
     release = threading.Event()
 

@@ -168,6 +168,27 @@ def test_seeded_requests_run_alone_and_repeat_exactly():
     assert unseeded[0].einstein_radius.samples is None
 
 
+def test_a_lone_request_is_shared_among_idle_model_instances_but_seeded_chunks_keep_their_size():
+    runtime = FakeRuntime()
+    cutouts = _prepared(6)
+
+    async def work(engine: InferenceEngine) -> list[Any]:
+        unseeded = await engine.predict_cutouts(cutouts, num_samples=4)
+        seeded = await engine.predict_cutouts(cutouts, num_samples=4, seed=7)
+        return [unseeded, seeded]
+
+    engine = _engine(runtime, max_batch_size=8, max_batch_wait_s=0.0, model_instances=2)
+    unseeded, seeded = asyncio.run(_with_engine(engine, work))
+    # Both instances take half of the unseeded request; the seeded one stays one chunk.
+    assert sorted(runtime.calls, key=str) == sorted(
+        [(3, 4, None), (3, 4, None), (6, 4, 7)], key=str
+    )
+    for outcomes in (unseeded, seeded):
+        assert [o.filename for o in outcomes] == [c.filename for c in cutouts]
+        for outcome, cutout in zip(outcomes, cutouts, strict=True):
+            assert outcome.parameters["theta_E"] == pytest.approx(float(cutout.image.mean()))
+
+
 def test_a_non_finite_output_fails_only_its_cutout():
     outcomes = asyncio.run(
         _with_engine(
