@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,9 +44,16 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        """Kill the server and everything it started (decode fork server and workers).
+
+        The server leads its own process group, so one signal reaches the children that
+        killing the server alone would leave behind.
+        """
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the group is gone already
+        self.process.wait()
 
 
 def wait_until_ready(server: ServerProcess, timeout_s: float = SERVER_START_TIMEOUT_S) -> None:
@@ -96,6 +104,7 @@ def launch_server(tmp_path_factory) -> Iterator[Callable[..., ServerProcess]]:
                 env=environment,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, for stop()
             )
         server = ServerProcess(process, f"http://127.0.0.1:{port}", port, log_path)
         started.append(server)
