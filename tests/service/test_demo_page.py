@@ -4,8 +4,9 @@ Debian's ``chromium`` is driven by Playwright (``executable_path``; Playwright's
 own browser download is never used). Where Chromium is missing and the tests
 run as root with apt-get, the fixture installs it; otherwise the tests are
 skipped with the reason printed. The page's numbers are compared with the
-same server's direct answer for the same files; the screenshot of the run is
-saved to ``docs/demo.png`` for the README.
+same server's direct answer for the same files. The screenshot of the run goes to
+the test's temporary folder, or, with ``LENSSERVE_UPDATE_SCREENSHOT=1``, to
+``docs/demo.png`` for the README (so a plain test run leaves the checkout clean).
 """
 
 from __future__ import annotations
@@ -154,8 +155,8 @@ def test_the_page_shows_the_apis_answers_and_a_gallery(page, live_server, tmp_pa
     for name, answer in answers.items():
         _assert_circle_at_the_predicted_centre(page, name, answer["parameters"])
 
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    update = os.environ.get("LENSSERVE_UPDATE_SCREENSHOT") == "1"
+    page.screenshot(path=str(SCREENSHOT if update else tmp_path / "demo.png"), full_page=True)
 
 
 def _assert_circle_at_the_predicted_centre(page, name: str, parameters: dict) -> None:  # type: ignore[no-untyped-def]
