@@ -15,6 +15,10 @@ Rows (all on the same cutouts, on the machine it runs on):
     ``model.predict`` once per cutout (needs the ``bench`` extra; TensorFlow is
     imported only by :mod:`service.bench_keras`, only when this row runs).
 
+(a), (b) and (c) alternate in rounds (``rounds``) against one server that
+idles while the in-process rows run, so their ratios compare the same minutes of a
+machine whose speed drifts; the other rows run once each, after an untimed warm-up.
+
 The HTTP load comes from ``wrk`` (C, epoll, one thread) so the client spends
 little of the server's CPU; its CPU time is measured and reported.
 """
@@ -88,6 +92,10 @@ class BenchConfig:
     """Concurrent single-cutout clients for row (d) (connections)."""
     duration_s: float = 10.0
     """How long each row runs (seconds)."""
+    rounds: int = 3
+    """Alternating rounds of (a), (b) and (c), each row ``duration_s`` long in each (count).
+    Rounds are not shorter than a row: wrk does not count the requests still in flight
+    when it stops, which would bias short runs of 64-file requests low."""
     warmup_s: float = 2.0
     """Load sent before each HTTP row and not counted, as the in-process rows call once
     before timing (seconds; 0 skips it, wrk rounds up to whole seconds)."""
@@ -414,82 +422,124 @@ def _steady(samples_mib: list[float]) -> float | None:
     return float(np.median(samples_mib[len(samples_mib) // 2 :])) if samples_mib else None
 
 
-def _warm_then_time(
-    url: str, body: bytes, *, connections: int, config: BenchConfig, workdir: Path
-) -> tuple[dict[str, float], float]:
-    """One HTTP row: ``config.warmup_s`` of untimed load, then the timed wrk run.
+class _HttpRunner:
+    """wrk runs against one server, with the client's CPU time and wall time summed."""
 
-    Returns the timed run's figures and wrk's wall time for both runs (seconds), so the
-    client's CPU share covers every second it ran.
-    """
-    wall_s = 0.0
-    if config.warmup_s > 0:  # the in-process rows also call once before timing
-        warmup = run_wrk(
-            url, body, connections=connections, duration_s=config.warmup_s, workdir=workdir
+    def __init__(self, server: _Server, config: BenchConfig, workdir: Path) -> None:
+        self.url = f"{server.url}/v1/predict?samples={config.num_samples}"
+        self.config = config
+        self.workdir = workdir
+        self.wall_s = 0.0
+        # wrk is the only child that exits during the run, so RUSAGE_CHILDREN counts wrk alone.
+        self._cpu_before_s = _children_cpu_s()
+
+    def run(self, body: bytes, *, connections: int, duration_s: float) -> dict[str, float]:
+        figures = run_wrk(
+            self.url, body, connections=connections, duration_s=duration_s, workdir=self.workdir
         )
-        wall_s += warmup["duration_us"] / 1e6
-    figures = run_wrk(
-        url, body, connections=connections, duration_s=config.duration_s, workdir=workdir
+        self.wall_s += figures["duration_us"] / 1e6
+        return figures
+
+    def warm_up(self, body: bytes, *, connections: int) -> None:
+        """Untimed load before a row, as the in-process rows call once before timing."""
+        if self.config.warmup_s > 0:
+            self.run(body, connections=connections, duration_s=self.config.warmup_s)
+
+    def client_cpu_fraction(self) -> float:
+        """wrk's CPU time over the wall time of its runs (cores)."""
+        return (_children_cpu_s() - self._cpu_before_s) / max(self.wall_s, 1e-9)
+
+
+def http_row(
+    name: str, rounds: Sequence[dict[str, float]], *, per_request: int, connections: int
+) -> BenchRow:
+    """One HTTP row from one or more wrk runs: their cutouts over their time; latency
+    percentiles are the median of the runs' (exact for one run)."""
+    seconds = sum(f["duration_us"] for f in rounds) / 1e6
+    requests = sum(f["requests"] for f in rounds)
+    note = f"{per_request} file(s)/request, {connections} client(s)"
+    if len(rounds) > 1:
+        note += f", {len(rounds)} rounds"
+    return BenchRow(
+        name=name,
+        cutouts_per_s=requests * per_request / seconds,
+        p50_ms=float(np.median([f["p50_us"] for f in rounds])) / 1e3,
+        p95_ms=float(np.median([f["p95_us"] for f in rounds])) / 1e3,
+        p99_ms=float(np.median([f["p99_us"] for f in rounds])) / 1e3,
+        note=note,
     )
-    return figures, wall_s + figures["duration_us"] / 1e6
+
+
+def measure_interleaved(
+    config: BenchConfig,
+    runtime: OnnxModelRuntime,
+    files: Sequence[bytes],
+    http: _HttpRunner,
+    *,
+    callers: int,
+) -> tuple[float, float, BenchRow]:
+    """(a), (b) and (c) in ``config.rounds`` alternating rounds; their cutouts/s and (c)'s row.
+
+    A shared VM's speed drifts by ±10% within minutes; alternating the three rows makes
+    (b)/(a) and (c)/(b) compare the same minutes. The server idles while the in-process
+    rows run.
+    """
+    prepared = _prepare(runtime, files)
+    images = np.stack([c.image for c in prepared])
+    body = multipart_body(files)
+    floors, fulls, batches = [], [], []
+    http.warm_up(body, connections=2)
+    for _ in range(config.rounds):
+        floors.append(measure_floor(runtime, images, config.duration_s, callers=callers))
+        fulls.append(
+            measure_full_answer(
+                runtime,
+                prepared,
+                num_samples=config.num_samples,
+                duration_s=config.duration_s,
+                callers=callers,
+            )
+        )
+        batches.append(http.run(body, connections=2, duration_s=config.duration_s))
+    batch_row = http_row("(c) HTTP multipart", batches, per_request=len(files), connections=2)
+    return float(np.mean(floors)), float(np.mean(fulls)), batch_row
 
 
 def measure_http(
     config: BenchConfig,
     files: Sequence[bytes],
-    report: BenchReport,
+    http: _HttpRunner,
     folder_files: Sequence[bytes] = (),
-) -> None:
-    """(c), (d) and (f) against a fresh server; fills the report's rows, RSS and client CPU.
+) -> list[BenchRow]:
+    """(d) at each concurrency and (f), each after its warm-up.
 
     (f) is a person's request: the whole cutouts folder in one multipart POST, one
     client, so its p50 is the time to answer those files with their distributions.
     """
-    server = _Server(config)
-    try:
-        server.wait_ready()
-        url = f"{server.url}/v1/predict?samples={config.num_samples}"
-        wall_s = 0.0
-        # wrk is the only child that exits during the run, so RUSAGE_CHILDREN counts wrk alone.
-        cpu_before_s = _children_cpu_s()
-        with tempfile.TemporaryDirectory(prefix="lensserve-bench-") as tmp:
-            runs = [("(c) HTTP multipart", multipart_body(files), 2, len(files))]
-            runs += [
-                (f"(d) HTTP single @{c}", multipart_body(files[:1]), c, 1)
-                for c in config.concurrencies
-            ]
-            if folder_files:
-                body = multipart_body(folder_files)
-                runs.append(("(f) HTTP one request", body, 1, len(folder_files)))
-            for name, body, connections, per_request in runs:
-                figures, wrk_wall_s = _warm_then_time(
-                    url, body, connections=connections, config=config, workdir=Path(tmp)
-                )
-                wall_s += wrk_wall_s
-                seconds = figures["duration_us"] / 1e6
-                report.rows.append(
-                    BenchRow(
-                        name=name,
-                        cutouts_per_s=figures["requests"] * per_request / seconds,
-                        p50_ms=figures["p50_us"] / 1e3,
-                        p95_ms=figures["p95_us"] / 1e3,
-                        p99_ms=figures["p99_us"] / 1e3,
-                        note=f"{per_request} file(s)/request, {connections} client(s)",
-                    )
-                )
-        report.client_cpu_fraction = (_children_cpu_s() - cpu_before_s) / wall_s
-        report.server_peak_rss_mib = server.peak_rss_mib()
-        report.server_tree_peak_rss_mib = server.tree_peak_rss_mib()
-        report.server_steady_rss_mib = _steady(server.rss_samples_mib)
-        report.server_tree_steady_pss_mib = _steady(server.tree_pss_samples_mib)
-    finally:
-        server.stop()
+    runs = [(f"(d) HTTP single @{c}", files[:1], c) for c in config.concurrencies]
+    if folder_files:
+        runs.append(("(f) HTTP one request", folder_files, 1))
+    rows = []
+    for name, sent, connections in runs:
+        body = multipart_body(sent)
+        http.warm_up(body, connections=connections)
+        figures = http.run(body, connections=connections, duration_s=config.duration_s)
+        rows.append(http_row(name, [figures], per_request=len(sent), connections=connections))
+    return rows
+
+
+def _record_server(report: BenchReport, server: _Server, http: _HttpRunner) -> None:
+    report.client_cpu_fraction = http.client_cpu_fraction()
+    report.server_peak_rss_mib = server.peak_rss_mib()
+    report.server_tree_peak_rss_mib = server.tree_peak_rss_mib()
+    report.server_steady_rss_mib = _steady(server.rss_samples_mib)
+    report.server_tree_steady_pss_mib = _steady(server.tree_pss_samples_mib)
 
 
 def run_bench(
     config: BenchConfig, *, progress: Callable[[str], None] = lambda _: None
 ) -> BenchReport:
-    """Measure every row; the HTTP server runs only while (c) and (d) run.
+    """Measure every row: (a), (b) and (c) alternate in rounds, the others run once.
 
     The in-process rows run the server's ``model_instances`` batches at once with its
     ``intra_op_threads`` (both from the ``LENSSERVE_*`` environment the server also reads).
@@ -511,35 +561,37 @@ def run_bench(
         intra_op_threads=runtime.intra_op_threads,
     )
     files = load_cutout_bytes(config)
-    prepared = _prepare(runtime, files)
-    images = np.stack([c.image for c in prepared])
-    progress("(a) in-process floor")
-    floor = measure_floor(runtime, images, config.duration_s, callers=callers)
-    note = f"batch {len(files)} x{callers}, ready batch"
-    report.rows.append(BenchRow(FLOOR_ROW, floor, note=note))
-    progress("(b) in-process full answer")
-    full = measure_full_answer(
-        runtime,
-        prepared,
-        num_samples=config.num_samples,
-        duration_s=config.duration_s,
-        callers=callers,
-    )
-    note = f"batch {len(files)} x{callers}, {config.num_samples} MC samples, ready to JSON"
-    report.rows.append(BenchRow(FULL_ROW, full, note=note))
-    progress("(b') in-process FITS to JSON")
-    fits_to_json = measure_fits_to_json(
-        runtime,
-        files,
-        num_samples=config.num_samples,
-        duration_s=config.duration_s,
-        callers=callers,
-    )
-    note = f"batch {len(files)} x{callers}, {config.num_samples} MC samples, FITS decoded"
-    report.rows.append(BenchRow(FITS_TO_JSON_ROW, fits_to_json, note=note))
-    runtime.close()
-    progress("(c), (d) HTTP")
-    measure_http(config, files, report, load_folder_request(config, files))
+    server = _Server(config)
+    try:
+        server.wait_ready()
+        with tempfile.TemporaryDirectory(prefix="lensserve-bench-") as tmp:
+            http = _HttpRunner(server, config, Path(tmp))
+            progress(f"(a), (b), (c) in {config.rounds} alternating rounds")
+            floor, full, batch_row = measure_interleaved(
+                config, runtime, files, http, callers=callers
+            )
+            rounds = f"{config.rounds} rounds"
+            note = f"batch {len(files)} x{callers}, ready batch, {rounds}"
+            report.rows.append(BenchRow(FLOOR_ROW, floor, note=note))
+            note = f"batch {len(files)} x{callers}, {config.num_samples} MC samples, {rounds}"
+            report.rows.append(BenchRow(FULL_ROW, full, note=note))
+            progress("(b') in-process FITS to JSON")
+            fits_to_json = measure_fits_to_json(
+                runtime,
+                files,
+                num_samples=config.num_samples,
+                duration_s=config.duration_s,
+                callers=callers,
+            )
+            note = f"batch {len(files)} x{callers}, {config.num_samples} MC samples, FITS decoded"
+            report.rows.append(BenchRow(FITS_TO_JSON_ROW, fits_to_json, note=note))
+            report.rows.append(batch_row)
+            progress("(d), (f) HTTP")
+            report.rows += measure_http(config, files, http, load_folder_request(config, files))
+            _record_server(report, server, http)
+    finally:
+        server.stop()
+        runtime.close()
     if config.keras_cutouts > 0:
         progress("(e) Keras model.predict per cutout")
         from service.bench_keras import measure_keras_per_cutout

@@ -283,6 +283,7 @@ def _bench(args: argparse.Namespace) -> int:
         concurrencies=tuple(args.concurrency),
         duration_s=args.duration_s,
         warmup_s=args.warmup_s,
+        rounds=args.rounds,
         keras_cutouts=args.keras_cutouts,
     )
     report = run_bench(config, progress=lambda step: print(f"bench: {step}", file=sys.stderr))
@@ -315,6 +316,12 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         help="single-cutout clients for row (d) (default: 1 8 64)",
     )
     parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per row")
+    parser.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="alternating rounds of (a), (b) and (c), each --duration-s long (default: 3)",
+    )
     parser.add_argument(
         "--warmup-s",
         type=float,

@@ -16,6 +16,7 @@ from service.bench import (
     BenchReport,
     BenchRow,
     format_report,
+    http_row,
     multipart_body,
 )
 
@@ -57,6 +58,22 @@ def test_format_report_prints_every_row_and_the_target_ratios():
     assert "steady PSS 450 MiB, sum of peak RSS 700 MiB" in text
 
 
+def test_an_http_row_counts_every_rounds_cutouts_over_their_time():
+    rounds = [
+        {"requests": 10, "duration_us": 2e6, "p50_us": 1000, "p95_us": 2000, "p99_us": 9000},
+        {"requests": 30, "duration_us": 3e6, "p50_us": 3000, "p95_us": 4000, "p99_us": 5000},
+        {"requests": 20, "duration_us": 5e6, "p50_us": 2000, "p95_us": 3000, "p99_us": 4000},
+    ]
+    row = http_row("(c) HTTP multipart", rounds, per_request=64, connections=2)
+    # 60 requests of 64 cutouts in 10 s; latency: the median of the rounds' percentiles.
+    assert row.cutouts_per_s == 60 * 64 / 10.0
+    assert (row.p50_ms, row.p95_ms, row.p99_ms) == (2.0, 3.0, 5.0)
+    assert row.note == "64 file(s)/request, 2 client(s), 3 rounds"
+    single = http_row("(d) HTTP single @1", rounds[:1], per_request=1, connections=1)
+    assert single.cutouts_per_s == 5.0 and single.p99_ms == 9.0
+    assert single.note == "1 file(s)/request, 1 client(s)"
+
+
 def test_multipart_body_holds_each_file_under_the_files_field():
     body = multipart_body([b"SIMPLE-1", b"SIMPLE-2"])
     assert body.count(b'name="files"') == 2
@@ -87,6 +104,8 @@ def test_lensserve_bench_with_tiny_settings_prints_the_table(tmp_path: Path):
             "0.5",
             "--warmup-s",
             "1",
+            "--rounds",
+            "2",
             "--keras-cutouts",
             "0",
         ],
@@ -97,6 +116,8 @@ def test_lensserve_bench_with_tiny_settings_prints_the_table(tmp_path: Path):
         check=False,
     )
     assert completed.returncode == 0, completed.stderr
+    batch_row = next(ln for ln in completed.stdout.splitlines() if ln.startswith("(c) HTTP"))
+    assert batch_row.endswith("2 rounds")
     for row in (
         FLOOR_ROW,
         FULL_ROW,
