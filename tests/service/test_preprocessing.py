@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from service.preprocessing import (
     _normalise_masked,
     _normalise_unmasked,
+    _row_medians,
     masked_fraction,
     preprocess_batch,
     preprocess_cutout,
@@ -83,3 +87,25 @@ def test_unmasked_cubes_normalise_exactly_as_the_masked_path_would(shape, offset
     got, sigma = _normalise_unmasked(data)
     np.testing.assert_array_equal(got, expected)
     assert sigma == expected_sigma
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    hnp.arrays(
+        np.float64,
+        st.tuples(st.integers(1, 4), st.integers(1, 40)),
+        elements=st.floats(allow_nan=False, allow_infinity=False, width=64),
+    )
+)
+def test_row_medians_are_numpys_medians(rows):
+    """Integer-key partitions give np.median's values (ties, zeros of both signs, extremes)."""
+    np.testing.assert_array_equal(_row_medians(rows), np.median(rows, axis=1))
+
+
+@pytest.mark.parametrize("width", [4096, 960, 4095])
+def test_row_medians_of_survey_sized_rows_are_numpys_medians(width):
+    rng = np.random.default_rng(width)
+    rows = rng.standard_t(3, size=(3, width)) * rng.uniform(0.1, 1e3, size=(3, 1))
+    rows[0, ::7] = rows[0, 0]  # ties
+    np.testing.assert_array_equal(_row_medians(rows), np.median(rows, axis=1))
+    np.testing.assert_array_equal(_row_medians(np.abs(rows)), np.median(np.abs(rows), axis=1))
