@@ -30,7 +30,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -56,6 +56,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.batching import BatchStats
+from service.cards import InputSpec
 from service.cpu_priority import lower_current_thread_priority
 from service.demo import create_demo_router
 from service.draining import drain_on_sigterm
@@ -437,36 +438,95 @@ async def _run_decode(call: Callable[[], ResultT], *, state: _AppState) -> Resul
     return await asyncio.get_running_loop().run_in_executor(state.executor, call)
 
 
-async def _prepare_upload(upload: _Upload, *, state: _AppState) -> PreparedCutout | LensServeError:
-    """Decode and preprocess one file in a worker process or thread; errors are returned.
+async def _prepare_uploads(
+    uploads: Sequence[_Upload], *, state: _AppState
+) -> list[PreparedCutout | LensServeError]:
+    """Decode and preprocess a request's files; a file's error takes its place.
 
-    With worker processes, a plain float cube (the survey's usual file, read
-    without astropy) is prepared in a server thread instead: nothing native
-    parses it, and it saves two pipe crossings of the cutout.
+    With worker processes, plain float cubes (the survey's usual file, read without
+    astropy) are prepared in the server's decode threads instead: nothing native parses
+    them, and they save two pipe crossings. They go in a few groups, one call per
+    decode thread rather than per file, so a 64-file request wakes the event loop a few
+    times, not 64. The files the plain reader leaves go to the workers one by one.
     """
-    options = {
-        "filename": upload.filename,
-        "spec": state.runtime.models.input,
-        "limits": state.limits,
-        "content_encoding": upload.content_encoding,
-    }
+    outcomes: list[PreparedCutout | LensServeError | None] = [None] * len(uploads)
+    if state.decoder is not None:
+        outcomes = await _prepare_plain_groups(uploads, state=state)
+    rest = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    decoded = await asyncio.gather(*(_prepare_upload(uploads[i], state=state) for i in rest))
+    for i, outcome in zip(rest, decoded, strict=True):
+        outcomes[i] = outcome
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+async def _prepare_plain_groups(
+    uploads: Sequence[_Upload], *, state: _AppState
+) -> list[PreparedCutout | LensServeError | None]:
+    """:func:`_prepare_plain_group` over the decode threads; None where a file is not plain."""
+    n_groups = max(1, min(len(uploads), state.settings.resolved_decode_threads))
+    size = -(-len(uploads) // n_groups)  # ceiling division
+    loop = asyncio.get_running_loop()
+    spec, limits = state.runtime.models.input, state.limits
+    groups = await asyncio.gather(
+        *(
+            loop.run_in_executor(
+                state.executor,
+                partial(_prepare_plain_group, uploads[start : start + size], spec, limits),
+            )
+            for start in range(0, len(uploads), size)
+        )
+    )
+    return [outcome for group in groups for outcome in group]
+
+
+def _prepare_plain_group(
+    uploads: Sequence[_Upload], spec: InputSpec, limits: FitsLimits
+) -> list[PreparedCutout | LensServeError | None]:
+    """Prepare each plain float cube of ``uploads`` in this thread; None for the others."""
+    outcomes: list[PreparedCutout | LensServeError | None] = []
+    for upload in uploads:
+        try:
+            outcomes.append(
+                prepare_plain_cutout_for_input(
+                    upload.data,
+                    filename=upload.filename,
+                    spec=spec,
+                    limits=limits,
+                    content_encoding=upload.content_encoding,
+                )
+            )
+        except LensServeError as exc:
+            outcomes.append(exc)
+        except Exception as exc:  # a file the codec did not foresee must not take the request down
+            outcomes.append(_unforeseen_decode_error(upload.filename, exc))
+    return outcomes
+
+
+async def _prepare_upload(upload: _Upload, *, state: _AppState) -> PreparedCutout | LensServeError:
+    """Decode and preprocess one file in a worker process (or a decode thread); errors are
+    returned."""
+    full = partial(
+        prepare_cutout_for_input,
+        upload.data,
+        filename=upload.filename,
+        spec=state.runtime.models.input,
+        limits=state.limits,
+        content_encoding=upload.content_encoding,
+    )
     try:
-        if state.decoder is not None:
-            plain = partial(prepare_plain_cutout_for_input, upload.data, **options)
-            prepared = await asyncio.get_running_loop().run_in_executor(state.executor, plain)
-            if prepared is not None:
-                return prepared
-        full = partial(prepare_cutout_for_input, upload.data, **options)
         return await _run_decode(full, state=state)
     except LensServeError as exc:
         return exc
     except Exception as exc:  # a file the codec did not foresee must not take the request down
-        logger.exception("unexpected failure decoding %r", upload.filename)
-        error = InvalidFitsError(
-            f"{upload.filename!r} could not be decoded ({type(exc).__name__}: {exc})"
-        )
-        error.__cause__ = exc
-        return error
+        return _unforeseen_decode_error(upload.filename, exc)
+
+
+def _unforeseen_decode_error(filename: str, exc: Exception) -> InvalidFitsError:
+    """The 400 for a file whose decoding raised what the codec does not raise."""
+    logger.error("unexpected failure decoding %r", filename, exc_info=exc)
+    error = InvalidFitsError(f"{filename!r} could not be decoded ({type(exc).__name__}: {exc})")
+    error.__cause__ = exc
+    return error
 
 
 # --------------------------------------------------------------------------- errors
@@ -796,7 +856,7 @@ def create_app(
         state.require_ready()
         uploads = await _read_uploads(request, settings)
         outcomes: list[CutoutOutcome | PreparedCutout] = list(
-            await asyncio.gather(*(_prepare_upload(u, state=state) for u in uploads))
+            await _prepare_uploads(uploads, state=state)
         )
         if len(outcomes) == 1 and isinstance(outcomes[0], LensServeError):
             raise outcomes[0]

@@ -593,7 +593,8 @@ def test_a_failing_batch_fails_every_request_in_it(gated_client):
 
 
 @pytest.mark.slow
-def test_worker_processes_decode_only_what_the_plain_reader_leaves(monkeypatch):
+@pytest.mark.parametrize("decode_threads", [1, 2])
+def test_worker_processes_decode_only_what_the_plain_reader_leaves(monkeypatch, decode_threads):
     """Plain cubes are prepared in a server thread; astropy's layouts cross to the workers."""
     from service.isolation import IsolatedDecoder
 
@@ -608,17 +609,26 @@ def test_worker_processes_decode_only_what_the_plain_reader_leaves(monkeypatch):
     names = ["00000.fits", "00000_f64.fits", "00000_101px.fits", "00000_rice.fits"]
     names += ["00000_mef.fits", "00000_cube.fits.gz"]
     paths = [SAMPLES / ("clean" if "_" not in n else "formats") / n for n in names]
-    settings = Settings(device="cpu", decode_isolation="process", decode_threads=1)
+    settings = Settings(device="cpu", decode_isolation="process", decode_threads=decode_threads)
     with TestClient(create_app(settings)) as test_client:
         assert _wait_ready(test_client).status_code == 200
         response = test_client.post(
             "/v1/predict",
-            files=[("files", (p.name, p.read_bytes(), "application/fits")) for p in paths],
+            files=[
+                *(("files", (p.name, p.read_bytes(), "application/fits")) for p in paths[:3]),
+                ("files", ("notes.fits", b"not a FITS file", "application/fits")),
+                *(("files", (p.name, p.read_bytes(), "application/fits")) for p in paths[3:]),
+            ],
             params={"seed": SEED},
         )
     assert response.status_code == 200, response.text
-    assert sorted(sent) == ["00000_cube.fits.gz", "00000_mef.fits", "00000_rice.fits"]
+    # Not a plain cube: astropy's layouts, and a file that is not FITS at all.
+    assert sorted(sent) == ["00000_cube.fits.gz", "00000_mef.fits", "00000_rice.fits", "notes.fits"]
     results = response.json()["results"]
+    # Every file answers in its place, the refused one too (plain files go in groups).
+    assert [r["filename"] for r in results] == [*names[:3], "notes.fits", *names[3:]]
+    assert results[3]["error"]["code"] == "invalid_fits"
+    results = results[:3] + results[4:]
     reference = [results[0]["lens_probability"], *results[0]["parameters"].values()]
     for result in results[1:]:
         tolerance = LOSSY_TOLERANCE if result["filename"].endswith(LOSSY_SUFFIXES) else 1e-4
