@@ -15,9 +15,9 @@ Rows (all on the same cutouts, on the machine it runs on):
     ``model.predict`` once per cutout (needs the ``bench`` extra; TensorFlow is
     imported only by :mod:`service.bench_keras`, only when this row runs).
 
-(a), (b) and (c) alternate in rounds (``rounds``) against one server that
-idles while the in-process rows run, so their ratios compare the same minutes of a
-machine whose speed drifts; the other rows run once each, after an untimed warm-up.
+(a), (b), (c) and the most concurrent (d) alternate in rounds (``rounds``) against one
+server that idles while the in-process rows run, so their ratios compare the same minutes
+of a machine whose speed drifts; the other rows run once each, after an untimed warm-up.
 
 The HTTP load comes from ``wrk`` (C, epoll, one thread) so the client spends
 little of the server's CPU; its CPU time is measured and reported.
@@ -93,7 +93,8 @@ class BenchConfig:
     duration_s: float = 10.0
     """How long each row runs (seconds)."""
     rounds: int = 3
-    """Alternating rounds of (a), (b) and (c), each row ``duration_s`` long in each (count).
+    """Alternating rounds of (a), (b), (c) and (d@max), each row ``duration_s`` long in each
+    (count).
     Rounds are not shorter than a row: wrk does not count the requests still in flight
     when it stops, which would bias short runs of 64-file requests low."""
     warmup_s: float = 2.0
@@ -477,18 +478,21 @@ def measure_interleaved(
     http: _HttpRunner,
     *,
     callers: int,
-) -> tuple[float, float, BenchRow]:
-    """(a), (b) and (c) in ``config.rounds`` alternating rounds; their cutouts/s and (c)'s row.
+) -> tuple[float, float, BenchRow, BenchRow]:
+    """(a), (b), (c) and (d) at the highest concurrency in ``config.rounds`` alternating
+    rounds: the cutouts/s of (a) and (b), and the rows of (c) and (d).
 
-    A shared VM's speed drifts by ±10% within minutes; alternating the three rows makes
-    (b)/(a) and (c)/(b) compare the same minutes. The server idles while the in-process
+    A shared VM's speed drifts by ±10% within minutes; alternating the rows makes (b)/(a),
+    (c)/(b) and (d)/(b) compare the same minutes. The server idles while the in-process
     rows run.
     """
     prepared = _prepare(runtime, files)
     images = np.stack([c.image for c in prepared])
-    body = multipart_body(files)
-    floors, fulls, batches = [], [], []
+    body, single_body = multipart_body(files), multipart_body(files[:1])
+    clients = max(config.concurrencies)
+    floors, fulls, batches, singles = [], [], [], []
     http.warm_up(body, connections=2)
+    http.warm_up(single_body, connections=clients)
     for _ in range(config.rounds):
         floors.append(measure_floor(runtime, images, config.duration_s, callers=callers))
         fulls.append(
@@ -501,8 +505,11 @@ def measure_interleaved(
             )
         )
         batches.append(http.run(body, connections=2, duration_s=config.duration_s))
+        singles.append(http.run(single_body, connections=clients, duration_s=config.duration_s))
     batch_row = http_row("(c) HTTP multipart", batches, per_request=len(files), connections=2)
-    return float(np.mean(floors)), float(np.mean(fulls)), batch_row
+    name = f"(d) HTTP single @{clients}"
+    single_row = http_row(name, singles, per_request=1, connections=clients)
+    return float(np.mean(floors)), float(np.mean(fulls)), batch_row, single_row
 
 
 def measure_http(
@@ -511,12 +518,14 @@ def measure_http(
     http: _HttpRunner,
     folder_files: Sequence[bytes] = (),
 ) -> list[BenchRow]:
-    """(d) at each concurrency and (f), each after its warm-up.
+    """(d) at each concurrency below the highest (that one runs in the rounds) and (f),
+    each after its warm-up.
 
     (f) is a person's request: the whole cutouts folder in one multipart POST, one
     client, so its p50 is the time to answer those files with their distributions.
     """
-    runs = [(f"(d) HTTP single @{c}", files[:1], c) for c in config.concurrencies]
+    lower = sorted(set(config.concurrencies) - {max(config.concurrencies)})
+    runs = [(f"(d) HTTP single @{c}", files[:1], c) for c in lower]
     if folder_files:
         runs.append(("(f) HTTP one request", folder_files, 1))
     rows = []
@@ -539,7 +548,7 @@ def _record_server(report: BenchReport, server: _Server, http: _HttpRunner) -> N
 def run_bench(
     config: BenchConfig, *, progress: Callable[[str], None] = lambda _: None
 ) -> BenchReport:
-    """Measure every row: (a), (b) and (c) alternate in rounds, the others run once.
+    """Measure every row: (a), (b), (c) and (d@max) alternate in rounds, the others run once.
 
     The in-process rows run the server's ``model_instances`` batches at once with its
     ``intra_op_threads`` (both from the ``LENSSERVE_*`` environment the server also reads).
@@ -566,8 +575,8 @@ def run_bench(
         server.wait_ready()
         with tempfile.TemporaryDirectory(prefix="lensserve-bench-") as tmp:
             http = _HttpRunner(server, config, Path(tmp))
-            progress(f"(a), (b), (c) in {config.rounds} alternating rounds")
-            floor, full, batch_row = measure_interleaved(
+            progress(f"(a), (b), (c), (d@max) in {config.rounds} alternating rounds")
+            floor, full, batch_row, single_row = measure_interleaved(
                 config, runtime, files, http, callers=callers
             )
             rounds = f"{config.rounds} rounds"
@@ -587,7 +596,9 @@ def run_bench(
             report.rows.append(BenchRow(FITS_TO_JSON_ROW, fits_to_json, note=note))
             report.rows.append(batch_row)
             progress("(d), (f) HTTP")
-            report.rows += measure_http(config, files, http, load_folder_request(config, files))
+            others = measure_http(config, files, http, load_folder_request(config, files))
+            report.rows += [r for r in others if r.name.startswith("(d)")] + [single_row]
+            report.rows += [r for r in others if not r.name.startswith("(d)")]
             _record_server(report, server, http)
     finally:
         server.stop()

@@ -320,7 +320,7 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         "--rounds",
         type=_positive_int,
         default=3,
-        help="alternating rounds of (a), (b) and (c), each --duration-s long (default: 3)",
+        help="alternating rounds of (a), (b), (c) and (d@max), each --duration-s long (default: 3)",
     )
     parser.add_argument(
         "--warmup-s",

@@ -116,8 +116,13 @@ def test_lensserve_bench_with_tiny_settings_prints_the_table(tmp_path: Path):
         check=False,
     )
     assert completed.returncode == 0, completed.stderr
-    batch_row = next(ln for ln in completed.stdout.splitlines() if ln.startswith("(c) HTTP"))
-    assert batch_row.endswith("2 rounds")
+    lines = completed.stdout.splitlines()
+    # (c) and the most concurrent (d) alternate with the in-process rows; (d@1) runs once.
+    assert next(ln for ln in lines if ln.startswith("(c) HTTP")).endswith("2 rounds")
+    assert next(ln for ln in lines if ln.startswith("(d) HTTP single @2")).endswith("2 rounds")
+    assert next(ln for ln in lines if ln.startswith("(d) HTTP single @1")).endswith("client(s)")
+    names = [ln.split("  ")[0] for ln in lines if ln.startswith("(")]
+    assert names.index("(d) HTTP single @1") < names.index("(d) HTTP single @2")
     for row in (
         FLOOR_ROW,
         FULL_ROW,
