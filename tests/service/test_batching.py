@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -340,6 +341,16 @@ def test_stop_fails_waiting_requests():
     assert all(isinstance(o, ModelUnavailableError) for o in outcomes)
 
 
+@asynccontextmanager
+async def running(batcher: DynamicBatcher) -> AsyncIterator[DynamicBatcher]:
+    """The batcher, started for the block and stopped after it."""
+    await batcher.start()
+    try:
+        yield batcher
+    finally:
+        await batcher.stop()
+
+
 class Overlap:
     """A batch function that records how many batches were running at once (at most)."""
 
@@ -375,11 +386,8 @@ def test_at_most_max_concurrent_batches_run_at_once_and_each_request_gets_its_ow
             max_queue_size=100,
             max_concurrent_batches=instances,
         )
-        await batcher.start()
-        try:
+        async with running(batcher):
             return await asyncio.gather(*(batcher.submit(i) for i in range(12)))
-        finally:
-            await batcher.stop()
 
     assert run(body) == [2 * i for i in range(12)]
     # Six batches of two, each held 50 ms: every worker is used, never more than that.
@@ -388,7 +396,7 @@ def test_at_most_max_concurrent_batches_run_at_once_and_each_request_gets_its_ow
 
 
 @pytest.mark.parametrize("instances, expected", [(1, [[0, 1, 2, 3]]), (2, [[0, 1], [2, 3]])])
-def test_idle_workers_share_the_queue_and_a_busy_one_takes_a_full_batch(instances, expected):
+def test_idle_workers_share_the_queue_and_a_lone_worker_takes_it_whole(instances, expected):
     recorder = Recorder(delay_s=0.05)
 
     async def body() -> list[int]:
@@ -399,11 +407,8 @@ def test_idle_workers_share_the_queue_and_a_busy_one_takes_a_full_batch(instance
             max_queue_size=100,
             max_concurrent_batches=instances,
         )
-        await batcher.start()
-        try:
+        async with running(batcher):
             return await batcher.submit_many([(i, 3) for i in range(4)])
-        finally:
-            await batcher.stop()
 
     assert run(body) == [0, 2, 4, 6]
     # Four items of 3 fit one batch of 64; two idle workers take half each instead.
@@ -451,13 +456,10 @@ def test_a_failing_batch_fails_only_its_own_requests_while_another_runs():
             max_queue_size=10,
             max_concurrent_batches=2,
         )
-        await batcher.start()
-        try:
+        async with running(batcher):
             return await asyncio.gather(
                 *(batcher.submit(i) for i in range(6)), return_exceptions=True
             )
-        finally:
-            await batcher.stop()
 
     outcomes = run(body)
     assert outcomes[0::2] == [0, 2, 4]
