@@ -9,9 +9,9 @@ wait is over. Batches run in worker threads, off the event loop, at most
 the next batch gathers. When several workers are free, the waiting work is
 shared among them (a batch takes at most its share), so a lone request that
 arrives in parts keeps every worker busy; under a backlog batches fill up.
-The queue is bounded: a request that would push it past ``max_queue_size`` is refused at once with
-:class:`~service.errors.OverloadedError`, so a flood turns into quick 503s
-instead of unbounded memory and latency. When a batch fails, every request
+The queue is bounded: a request that would push it past ``max_queue_size`` is
+refused at once with :class:`~service.errors.OverloadedError`, so a flood turns
+into quick 503s instead of unbounded memory and latency. When a batch fails, every request
 in it receives the error.
 
 The batcher knows nothing of HTTP or of models: it batches opaque items,
@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Generic, TypeVar
 
 from service.errors import InferenceError, LensServeError, ModelUnavailableError, OverloadedError
@@ -224,12 +225,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 continue
             task = asyncio.create_task(self._run(batch), name="lensserve-batch")
             self._running_batches[task] = batch
-            task.add_done_callback(self._batch_done)
+            # The semaphore of this start: after a stop and a new start, a late batch
+            # must not free a worker of the new loop.
+            task.add_done_callback(partial(self._batch_done, self._free_workers))
 
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
+    def _batch_done(self, free_workers: asyncio.Semaphore, task: asyncio.Task[None]) -> None:
         self._running_batches.pop(task, None)
-        if self._free_workers is not None:
-            self._free_workers.release()
+        free_workers.release()
 
     async def _wait_for_batch(self) -> None:
         """Sleep until a full batch is queued or the oldest item has waited long enough."""
