@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.settings import Settings, available_cores
+from service.core.cpu import available_cores
+from service.settings import Settings
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -49,7 +50,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"lensserve: models folder {settings.models_dir} does not exist", file=sys.stderr)
         return 2
     uvicorn.run(
-        "service.api:create_app",
+        "service.api.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,
@@ -89,9 +90,9 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 def _batch(args: argparse.Namespace) -> int:
     """Score a catalogue of FITS files on Dask and write one table row per file."""
     try:
-        from service.batch import run_batch
-        from service.batch_worker import WorkerConfig
-        from service.fits_codec import FitsLimits
+        from service.batch.run import run_batch
+        from service.batch.worker import WorkerConfig
+        from service.fits.decode import FitsLimits
     except ImportError as exc:
         print(
             f"lensserve batch needs Dask and pyarrow ({exc}); pip install 'lensserve[batch]'",
@@ -199,7 +200,7 @@ def _add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     """Send FITS files to a running service and write one table row per file."""
-    from service.predict_command import predict_command
+    from service.client.predict import predict_command
 
     return predict_command(
         args.inputs,
@@ -270,8 +271,8 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    """Measure the table of ``service.bench`` and print it."""
-    from service.bench import BenchConfig, format_report, run_bench
+    """Measure the table of ``service.bench.run`` and print it."""
+    from service.bench.run import BenchConfig, format_report, run_bench
     from service.settings import DEFAULT_MODELS_DIR
 
     config = BenchConfig(

@@ -1,7 +1,7 @@
 """Pydantic models of the JSON the service answers with, and the encoders that fill them.
 
 ``encode_result`` / ``encode_error`` are the output half of the codec pair
-whose input half is :func:`service.fits_codec.decode_fits`.
+whose input half is :func:`service.fits.decode.decode_fits`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.cards import ModelCard
+from service.contract.cards import ModelCard
+from service.core.inference import CutoutPrediction
 from service.errors import LensServeError
-from service.inference import CutoutPrediction
 
 _EXAMPLE_QUANTILES: dict[str, Any] = {
     "0.025": 0.93,
@@ -215,7 +215,7 @@ def encode_result(outcome: CutoutPrediction | LensServeError, *, filename: str) 
     Parameters
     ----------
     outcome : CutoutPrediction or LensServeError
-        What :class:`~service.inference.InferenceEngine` or decoding produced.
+        What :class:`~service.core.inference.InferenceEngine` or decoding produced.
     filename : str
         Name of the input file, reported back.
     """

@@ -1,6 +1,6 @@
 """The service's one configuration object, read from ``LENSSERVE_*`` environment variables.
 
-Nothing here runs at import time: :func:`service.api.create_app` builds a
+Nothing here runs at import time: :func:`service.api.app.create_app` builds a
 :class:`Settings` when it is not handed one, so tests and the command line can
 inject their own.
 """
@@ -8,27 +8,19 @@ inject their own.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from service.fits_codec import DEFAULT_LIMITS
+from service.core.cpu import available_cores
+from service.fits.decode import DEFAULT_LIMITS
 
 #: The ``models/`` folder next to the ``service/`` package in a source checkout.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 MiB = 1024 * 1024
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (respects affinity masks and cgroup pinning)."""
-    try:
-        return max(len(os.sched_getaffinity(0)), 1)
-    except AttributeError:  # pragma: no cover - sched_getaffinity is Linux-only
-        return max(os.cpu_count() or 1, 1)
 
 
 class Settings(BaseSettings):

@@ -21,7 +21,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from service.uncertainty import QUANTILE_LEVELS, mixture_quantiles
+from service.contract.uncertainty import QUANTILE_LEVELS, mixture_quantiles
 from training.config import ModelConfig
 from training.dataset import load_dataset
 from training.models import build_einstein_radius_mc, build_mc_head, mc_trunk_and_head

@@ -15,7 +15,7 @@ import matplotlib
 import numpy as np
 from numpy.typing import NDArray
 
-from service.uncertainty import QUANTILE_LEVELS, mixture_quantiles, summarise_mc_samples
+from service.contract.uncertainty import QUANTILE_LEVELS, mixture_quantiles, summarise_mc_samples
 from training import metrics as m
 from training.dataset import load_dataset
 from training.train import RUN_FILES, TRAINING_SUMMARY, prepare

@@ -19,7 +19,7 @@ import onnx
 import tensorflow as tf
 import tf2onnx
 
-from service.preprocessing import PREPROCESSING_ID
+from service.contract.preprocessing import PREPROCESSING_ID
 from training.config import BANDS, PIXEL_SCALE_ARCSEC
 from training.evaluate import METRICS_FILE, PLOT_FILES
 from training.models import (

@@ -21,8 +21,8 @@ import keras
 import numpy as np
 from numpy.typing import NDArray
 
-from service.preprocessing import preprocess_batch
-from service.uncertainty import summarise_mc_samples
+from service.contract.preprocessing import preprocess_batch
+from service.contract.uncertainty import summarise_mc_samples
 from training.augment import PARAMETER_COLUMNS, random_symmetry
 from training.config import ModelConfig, TrainingConfig
 from training.dataset import Dataset, load_dataset

@@ -26,15 +26,16 @@ import pytest
 from astropy.io import fits
 from fastapi.testclient import TestClient
 
-from service.api import create_app, status_for
+from service.api.app import create_app, status_for
+from service.core.cpu import available_cores
+from service.core.runtime import OnnxModelRuntime
 from service.errors import (
     InferenceError,
     InvalidFitsError,
     OverloadedError,
     PayloadTooLargeError,
 )
-from service.runtime import OnnxModelRuntime
-from service.settings import Settings, available_cores
+from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO.parent / "shared" / "samples"
@@ -536,7 +537,7 @@ class _GatedRuntime(OnnxModelRuntime):
 
 @pytest.fixture
 def gated_client(monkeypatch) -> Iterator[TestClient]:
-    monkeypatch.setattr("service.api.OnnxModelRuntime", _GatedRuntime)
+    monkeypatch.setattr("service.api.app.OnnxModelRuntime", _GatedRuntime)
     _GatedRuntime.gate.set()  # warm-up runs straight through
     _GatedRuntime.fail = False
     settings = Settings(
@@ -596,7 +597,7 @@ def test_a_failing_batch_fails_every_request_in_it(gated_client):
 @pytest.mark.parametrize("decode_threads", [1, 2])
 def test_worker_processes_decode_only_what_the_plain_reader_leaves(monkeypatch, decode_threads):
     """Plain cubes are prepared in a server thread; astropy's layouts cross to the workers."""
-    from service.isolation import IsolatedDecoder
+    from service.core.isolation import IsolatedDecoder
 
     sent: list[str] = []
     original_run = IsolatedDecoder.run

@@ -22,12 +22,14 @@ import httpx
 import numpy as np
 import pytest
 
-from service import batch, batch_table, batch_worker
-from service.batch_inputs import resolve_inputs
-from service.batch_table import COLUMNS, flatten_value, read_table, rows_to_arrow, write_table
+from service.batch import run as batch
+from service.batch import table as batch_table
+from service.batch import worker as batch_worker
+from service.batch.inputs import resolve_inputs
+from service.batch.table import COLUMNS, flatten_value, read_table, rows_to_arrow, write_table
 from service.cli import main
+from service.core.inference import CutoutPrediction, EinsteinRadiusPrediction
 from service.errors import InvalidBatchInputError, InvalidFitsError
-from service.inference import CutoutPrediction, EinsteinRadiusPrediction
 from service.schemas import encode_result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -335,8 +337,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(tmp_path, cluster, monkeypa
 def test_serving_imports_none_of_the_batch_dependencies():
     # A fresh interpreter: this one already holds Dask and pyarrow from the tests above.
     script = (
-        "import sys, service.api, service.cli\n"
-        "service.api.create_app()\n"
+        "import sys, service.api.app, service.cli\n"
+        "service.api.app.create_app()\n"
         "roots = {m.split('.')[0] for m in sys.modules}\n"
         "print(sorted(roots & {'dask', 'distributed', 'pyarrow'}))\n"
     )

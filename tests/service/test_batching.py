@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from service.batching import BatchStats, DynamicBatcher
+from service.core.batching import BatchStats, DynamicBatcher
 from service.errors import InferenceError, ModelUnavailableError, OverloadedError
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.bench import (
+from service.bench.run import (
     FITS_TO_JSON_ROW,
     FLOOR_ROW,
     FULL_ROW,

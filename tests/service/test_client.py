@@ -40,7 +40,7 @@ from service.client import (
     RetryPolicy,
     parse_retry_after,
 )
-from service.predict_command import read_finished_rows, run_predict
+from service.client.predict import read_finished_rows, run_predict
 
 REPO = Path(__file__).resolve().parents[2]
 CLEAN_SAMPLES = sorted((REPO.parent / "shared" / "samples" / "clean").glob("*.fits"))

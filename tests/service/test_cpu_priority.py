@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.cpu_priority import MAX_NICE, current_thread_nice, lower_current_thread_priority
-from service.isolation import IsolatedDecoder
+from service.core.cpu import MAX_NICE, current_thread_nice, lower_current_thread_priority
+from service.core.isolation import IsolatedDecoder
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values: Linux")
 

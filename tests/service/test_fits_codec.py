@@ -1,4 +1,4 @@
-"""Tests of service.fits_codec: every accepted layout, every limit, and hostile bytes.
+"""Tests of service.fits.decode: every accepted layout, every limit, and hostile bytes.
 
 FITS files are built in memory or in tmp_path with astropy from seeded RNGs;
 the shared samples (``../shared/samples`` beside the repository) are the
@@ -38,7 +38,7 @@ from service.errors import (
     TooManyMaskedPixelsError,
     UnsupportedMediaTypeError,
 )
-from service.fits_codec import DEFAULT_LIMITS, DecodedCutout, FitsLimits, decode_fits
+from service.fits.decode import DEFAULT_LIMITS, DecodedCutout, FitsLimits, decode_fits
 
 SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "samples"
 CLEAN = sorted((SAMPLES / "clean").glob("*.fits"))

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from service.cards import read_model_cards
-from service.errors import InferenceError
-from service.fits_codec import FitsLimits
-from service.inference import (
+from service.contract.cards import read_model_cards
+from service.contract.preprocessing import preprocess_cutout
+from service.contract.uncertainty import QUANTILE_LEVELS, summarise_mc_samples
+from service.core.inference import (
     CutoutPrediction,
     InferenceEngine,
     PreparedCutout,
     prepare_cutout,
 )
-from service.preprocessing import preprocess_cutout
-from service.runtime import OnnxModelRuntime, RawPredictions
-from service.uncertainty import QUANTILE_LEVELS, summarise_mc_samples
+from service.core.runtime import OnnxModelRuntime, RawPredictions
+from service.errors import InferenceError
+from service.fits.decode import FitsLimits
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 

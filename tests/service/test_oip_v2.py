@@ -16,20 +16,20 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import create_app
-from service.cards import read_model_cards
-from service.errors import InvalidRequestError
-from service.fits_codec import DEFAULT_LIMITS
-from service.inference import prepare_cutout
-from service.oip_codec import (
+from service.api.app import create_app
+from service.api.oip_codec import (
     InferRequest,
     RequestedOutput,
     decode_infer_request,
     encode_infer_response,
     feeds_for_model,
 )
+from service.contract.cards import read_model_cards
+from service.contract.uncertainty import summarise_mc_samples
+from service.core.inference import prepare_cutout
+from service.errors import InvalidRequestError
+from service.fits.decode import DEFAULT_LIMITS
 from service.settings import Settings
-from service.uncertainty import summarise_mc_samples
 
 REPO = Path(__file__).resolve().parents[2]
 CLEAN_SAMPLES = sorted((REPO.parent / "shared" / "samples" / "clean").glob("*.fits"))

@@ -17,10 +17,10 @@ from astropy.io import fits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import service.fits_codec as fits_codec
+import service.fits.decode as fits_codec
 from service.errors import LensServeError
-from service.fits_codec import DEFAULT_LIMITS, decode_fits
-from service.plain_fits import read_plain_primary
+from service.fits.decode import DEFAULT_LIMITS, decode_fits
+from service.fits.plain import read_plain_primary
 
 SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "samples"
 CLEAN = sorted((SAMPLES / "clean").glob("*.fits"))

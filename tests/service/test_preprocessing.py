@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from service.preprocessing import (
+from service.contract.preprocessing import (
     _normalise_masked,
     _normalise_unmasked,
     _row_medians,

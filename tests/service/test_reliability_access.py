@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.guards import is_protected, presented_key
+from service.api.guards import is_protected, presented_key
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]

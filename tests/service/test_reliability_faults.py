@@ -24,9 +24,9 @@ import onnxruntime as ort
 import pytest
 import uvicorn
 
-from service.api import create_app
-from service.cards import CLASSIFIER_NAME
-from service.runtime import OnnxModelRuntime, RawPredictions
+from service.api.app import create_app
+from service.contract.cards import CLASSIFIER_NAME
+from service.core.runtime import OnnxModelRuntime, RawPredictions
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]

@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.errors import LensServeError
-from service.fits_codec import FitsLimits, decode_fits
+from service.fits.decode import FitsLimits, decode_fits
 
 ASTROPY_DATA = Path(astropy.__file__).parent / "io" / "fits" / "tests" / "data"
 ASTROPY_FILES = sorted(p for p in ASTROPY_DATA.rglob("*") if p.is_file() and ".fits" in p.name)

@@ -12,8 +12,8 @@ import os
 
 import pytest
 
+from service.core.isolation import IsolatedDecoder
 from service.errors import InvalidFitsError
-from service.isolation import IsolatedDecoder
 
 GiB = 2**30
 

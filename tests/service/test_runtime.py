@@ -17,26 +17,26 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service import runtime as runtime_module
-from service.cards import (
+from service.contract.cards import (
     CLASSIFIER_NAME,
     MC_NAME,
     PARAMETER_COMPONENTS,
     REGRESSOR_NAME,
     read_model_cards,
 )
-from service.errors import InferenceError, ModelUnavailableError
-from service.fits_codec import DEFAULT_LIMITS
-from service.inference import CutoutPrediction, predict_chunk, prepare_cutout
-from service.preprocessing import PREPROCESSING_ID
-from service.runtime import (
+from service.contract.preprocessing import PREPROCESSING_ID
+from service.contract.uncertainty import QUANTILE_LEVELS
+from service.core import runtime as runtime_module
+from service.core.inference import CutoutPrediction, predict_chunk, prepare_cutout
+from service.core.runtime import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     MAX_SEED,
     OnnxModelRuntime,
     choose_providers,
 )
-from service.uncertainty import QUANTILE_LEVELS
+from service.errors import InferenceError, ModelUnavailableError
+from service.fits.decode import DEFAULT_LIMITS
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
 CLEAN_SAMPLES = sorted((MODELS_DIR.parents[1] / "shared" / "samples" / "clean").glob("*.fits"))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import DEFAULT_MODELS_DIR, MiB, Settings, available_cores
+from service.core.cpu import available_cores
+from service.settings import DEFAULT_MODELS_DIR, MiB, Settings
 
 
 @pytest.fixture(autouse=True)

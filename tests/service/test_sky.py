@@ -12,7 +12,7 @@ from astropy.wcs import WCS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.sky import simple_tan_wcs
+from service.fits.tan_wcs import simple_tan_wcs
 
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "samples"
 #: Agreement with wcslib (degrees): 1e-9 deg is 3.6 micro-arcsec.

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from service.uncertainty import (
+from service.contract.uncertainty import (
     QUANTILE_LEVELS,
     draw_predictive_samples,
     mixture_quantiles,

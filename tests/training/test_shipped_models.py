@@ -15,7 +15,7 @@ from astropy.io import fits
 keras = pytest.importorskip("keras")
 
 import training  # noqa: E402,F401  (registers the custom layers)
-from service.preprocessing import PREPROCESSING_ID, preprocess_batch  # noqa: E402
+from service.contract.preprocessing import PREPROCESSING_ID, preprocess_batch  # noqa: E402
 from training.models import build_mc_sampler, mc_trunk_and_head  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -68,7 +68,7 @@ def test_heavy_tails_split_the_miss_between_the_68_and_95_percent_intervals():
 
 
 def test_fitted_interval_levels_make_each_interval_cover_as_named_on_fresh_data():
-    from service.uncertainty import summarise_mc_samples
+    from service.contract.uncertainty import summarise_mc_samples
     from training.calibrate import fit_interval_levels
 
     rng = np.random.default_rng(3)

@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.cards import ModelCard
+from service.contract.cards import ModelCard
 from service.errors import InvalidRequestError
 
 #: Protocol datatype of each numpy dtype name the cards use, and back.

@@ -1,4 +1,4 @@
-"""Let decoding yield the cores to onnxruntime.
+"""The cores this process may use, and letting decoding yield them to onnxruntime.
 
 onnxruntime's convolutions and matrix products split their work statically
 across its intra-op threads, so an operator ends only when its slowest thread
@@ -16,6 +16,14 @@ import threading
 
 #: Highest nice value Linux allows.
 MAX_NICE = 19
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks and cgroup pinning)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # pragma: no cover - sched_getaffinity is Linux-only
+        return max(os.cpu_count() or 1, 1)
 
 
 def lower_current_thread_priority(niceness: int) -> None:

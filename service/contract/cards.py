@@ -17,9 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.contract.preprocessing import PREPROCESSING_ID
+from service.contract.uncertainty import QUANTILE_LEVELS
 from service.errors import ModelUnavailableError
-from service.preprocessing import PREPROCESSING_ID
-from service.uncertainty import QUANTILE_LEVELS
 
 #: Card names of the three models the service needs, by role.
 CLASSIFIER_NAME = "lens_classifier"

@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from service.cards import PARAMETER_COMPONENTS
+from service.contract.cards import PARAMETER_COMPONENTS
+from service.contract.uncertainty import QUANTILE_LEVELS
 from service.schemas import CutoutResult
-from service.uncertainty import QUANTILE_LEVELS
 
 TableFormat = Literal["parquet", "csv", "fits"]
 #: Output formats by file ending.

@@ -1,7 +1,7 @@
 """Row (e) of ``lensserve bench``: the ``.keras`` models, one ``model.predict`` per cutout.
 
 This is what a user without lensserve would write, and the only place in
-``service/`` that touches TensorFlow: it is imported by :func:`service.bench.run_bench`
+``service/`` that touches TensorFlow: it is imported by :func:`service.bench.run.run_bench`
 only when that row runs, and needs the ``bench`` extra (``pip install -e '.[bench]'``).
 Serving never imports it.
 """
@@ -13,9 +13,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.cards import read_model_cards
-from service.fits_codec import DEFAULT_LIMITS
-from service.inference import prepare_cutout
+from service.contract.cards import read_model_cards
+from service.core.inference import prepare_cutout
+from service.fits.decode import DEFAULT_LIMITS
 
 
 def _keras_file(models_dir: Path, name: str) -> str:

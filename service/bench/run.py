@@ -13,7 +13,7 @@ Rows (all on the same cutouts, on the machine it runs on):
 (d) HTTP: single-cutout requests at several concurrencies, with latency percentiles;
 (e) what a user would do without lensserve: the ``.keras`` models called with
     ``model.predict`` once per cutout (needs the ``bench`` extra; TensorFlow is
-    imported only by :mod:`service.bench_keras`, only when this row runs).
+    imported only by :mod:`service.bench.keras_baseline`, only when this row runs).
 
 (a), (b), (c) and the most concurrent (d) alternate in rounds (``rounds``) against one
 server that idles while the in-process rows run, so their ratios compare the same minutes
@@ -45,12 +45,13 @@ import httpx
 import numpy as np
 from astropy.io import fits
 
-from service.cards import CLASSIFIER_NAME, REGRESSOR_NAME
-from service.fits_codec import DEFAULT_LIMITS
-from service.inference import PreparedCutout, predict_chunk, prepare_cutout
-from service.runtime import Device, OnnxModelRuntime
+from service.contract.cards import CLASSIFIER_NAME, REGRESSOR_NAME
+from service.core.cpu import available_cores
+from service.core.inference import PreparedCutout, predict_chunk, prepare_cutout
+from service.core.runtime import Device, OnnxModelRuntime
+from service.fits.decode import DEFAULT_LIMITS
 from service.schemas import PredictResponse, encode_result
-from service.settings import Settings, available_cores
+from service.settings import Settings
 
 #: wrk's script: POST one fixed body; print the figures as one JSON line when done.
 _WRK_SCRIPT = r"""
@@ -605,7 +606,7 @@ def run_bench(
         runtime.close()
     if config.keras_cutouts > 0:
         progress("(e) Keras model.predict per cutout")
-        from service.bench_keras import measure_keras_per_cutout
+        from service.bench.keras_baseline import measure_keras_per_cutout
 
         rate = measure_keras_per_cutout(config.models_dir, files[: config.keras_cutouts])
         report.rows.append(BenchRow("(e) Keras predict/cutout", rate, note="1 cutout per call"))

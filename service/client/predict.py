@@ -26,7 +26,7 @@ import numpy as np
 from astropy.table import MaskedColumn, Table
 from tqdm import tqdm
 
-from service.client import LensClient, LensPrediction, RetryPolicy
+from service.client.client import LensClient, LensPrediction, RetryPolicy
 
 #: astropy writer of each output ending.
 FORMAT_BY_SUFFIX: dict[str, str] = {

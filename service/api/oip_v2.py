@@ -9,7 +9,7 @@ Endpoints (prefix ``/v2``)
 
 The models are ``lens_classifier``, ``einstein_radius`` and
 ``einstein_radius_mc``, fed preprocessed ``image`` tensors (FP32, NHWC, the
-card's shape; see :func:`service.preprocessing.preprocess_cutout`); the MC
+card's shape; see :func:`service.contract.preprocessing.preprocess_cutout`); the MC
 model also takes ``num_samples`` (INT32; the service default when left out)
 and a request parameter ``seed`` for reproducible dropout masks. Tensors come
 as JSON ``data`` or with the binary tensor data extension. A request runs
@@ -31,7 +31,16 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 
-from service.cards import NUM_SAMPLES_INPUT, ModelCard
+from service.api.oip_codec import (
+    InferResponse,
+    decode_infer_request,
+    encode_infer_response,
+    feeds_for_model,
+    tensor_metadata,
+)
+from service.api.uploads import read_capped_body
+from service.contract.cards import NUM_SAMPLES_INPUT, ModelCard
+from service.core.runtime import MAX_SEED, OnnxModelRuntime
 from service.errors import (
     InferenceError,
     InvalidRequestError,
@@ -41,15 +50,6 @@ from service.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
-from service.http_body import read_capped_body
-from service.oip_codec import (
-    InferResponse,
-    decode_infer_request,
-    encode_infer_response,
-    feeds_for_model,
-    tensor_metadata,
-)
-from service.runtime import MAX_SEED, OnnxModelRuntime
 from service.settings import Settings
 
 #: HTTP header carrying the JSON header's length when binary tensor data follow it.

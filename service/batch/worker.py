@@ -1,10 +1,10 @@
 """The Dask task of ``lensserve batch``: score one partition of files on a worker.
 
 A task runs the service's own steps on its files:
-:func:`~service.inference.prepare_cutout` (FITS decoding and preprocessing),
-:func:`~service.inference.predict_chunk` (the engine's model call and MC
+:func:`~service.core.inference.prepare_cutout` (FITS decoding and preprocessing),
+:func:`~service.core.inference.predict_chunk` (the engine's model call and MC
 summary) and :func:`~service.schemas.encode_result` (the API's result), and
-flattens each result into a table row (:mod:`service.batch_table`). Each
+flattens each result into a table row (:mod:`service.batch.table`). Each
 worker process loads the models on its first task and reuses the onnxruntime
 sessions for every later one.
 """
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.batch_table import flatten_result
+from service.batch.table import flatten_result
+from service.core.inference import CutoutOutcome, PreparedCutout, predict_chunk, prepare_cutout
+from service.core.runtime import Device, OnnxModelRuntime
 from service.errors import InvalidFitsError, LensServeError, UnreadableFileError
-from service.fits_codec import FitsLimits
-from service.inference import CutoutOutcome, PreparedCutout, predict_chunk, prepare_cutout
-from service.runtime import Device, OnnxModelRuntime
+from service.fits.decode import FitsLimits
 from service.schemas import encode_result
 
 logger = logging.getLogger("lensserve.batch")

@@ -6,11 +6,11 @@ Two steps, so each can run where it belongs:
    file for the models' bands, size and pixel scale, then apply the one
    preprocessing. The API runs it in a thread pool, many files at once.
 2. :class:`InferenceEngine` merges the prepared cutouts of concurrent requests
-   through a :class:`~service.batching.DynamicBatcher` into one onnxruntime
+   through a :class:`~service.core.batching.DynamicBatcher` into one onnxruntime
    call per model, then turns the raw outputs into
    :class:`CutoutPrediction` objects: the lens probability, the point
    parameters, and the theta_E predictive distribution summarised from the
-   MC-dropout passes (:mod:`service.uncertainty`).
+   MC-dropout passes (:mod:`service.contract.uncertainty`).
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ from typing import TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 
-from service.batching import BatchStats, DynamicBatcher
-from service.cards import PARAMETER_COMPONENTS, InputSpec, ModelSet
-from service.errors import InferenceError, LensServeError
-from service.fits_codec import DecodedCutout, FitsLimits, decode_fits, decode_plain_fits
-from service.preprocessing import preprocess_cutout
-from service.runtime import MAX_SEED, ModelRuntime, RawPredictions
-from service.uncertainty import (
+from service.contract.cards import PARAMETER_COMPONENTS, InputSpec, ModelSet
+from service.contract.preprocessing import preprocess_cutout
+from service.contract.uncertainty import (
     QUANTILE_LEVELS,
     draw_predictive_samples,
     summarise_mc_samples,
 )
+from service.core.batching import BatchStats, DynamicBatcher
+from service.core.runtime import MAX_SEED, ModelRuntime, RawPredictions
+from service.errors import InferenceError, LensServeError
+from service.fits.decode import DecodedCutout, FitsLimits, decode_fits, decode_plain_fits
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def prepare_cutout(
     Raises
     ------
     LensServeError
-        The file is not usable; see :func:`service.fits_codec.decode_fits`.
+        The file is not usable; see :func:`service.fits.decode.decode_fits`.
     """
     return prepare_cutout_for_input(
         data, filename=filename, spec=models.input, limits=limits, content_encoding=content_encoding
@@ -228,7 +228,7 @@ class InferenceEngine:
     max_queue_cutouts : int
         Most cutouts waiting for inference before requests are refused (cutouts).
     on_batch : callable, optional
-        Receives a :class:`~service.batching.BatchStats` after every batch.
+        Receives a :class:`~service.core.batching.BatchStats` after every batch.
     model_instances : int
         Batches run at once on the one runtime, each in its own thread (count).
     """

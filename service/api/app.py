@@ -2,8 +2,8 @@
 
 This is the only module that knows about HTTP. :func:`create_app` wires the
 transport-free pieces together: settings, the onnxruntime models
-(:mod:`service.runtime`), the dynamic batcher (:mod:`service.inference`) and
-the FITS codec (:mod:`service.fits_codec`).
+(:mod:`service.core.runtime`), the dynamic batcher (:mod:`service.core.inference`) and
+the FITS codec (:mod:`service.fits.decode`).
 
 The module does not use ``from __future__ import annotations``: the query
 parameters' bounds come from the settings inside :func:`create_app`, and
@@ -15,12 +15,12 @@ Endpoints
     ``GET /health/live``   the process answers.
     ``GET /health/ready``  200 once the models are loaded and warmed up.
     ``GET /metrics``       Prometheus metrics.
-    ``GET /``              the browser demo; ``POST /v1/cutout`` its pixels (:mod:`service.demo`).
-    ``/v2/...``            Open Inference Protocol v2 (:mod:`service.oip_v2`).
+    ``GET /``              the browser demo; ``POST /v1/cutout`` its pixels (:mod:`.demo`).
+    ``/v2/...``            Open Inference Protocol v2 (:mod:`service.api.oip_v2`).
 
-Everything under ``/v1`` and ``/v2`` passes the guards of :mod:`service.guards`
+Everything under ``/v1`` and ``/v2`` passes the guards of :mod:`service.api.guards`
 (API keys when configured, admission limit, deadline, disconnects); SIGTERM
-drains the process (:mod:`service.draining`).
+drains the process (:mod:`service.api.draining`).
 
 Each process keeps its own metrics registry: with ``--workers N`` every worker
 reports only what it served.
@@ -55,11 +55,30 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.batching import BatchStats
-from service.cards import InputSpec
-from service.cpu_priority import lower_current_thread_priority
-from service.demo import create_demo_router
-from service.draining import drain_on_sigterm
+from service.api.demo import create_demo_router
+from service.api.draining import drain_on_sigterm
+from service.api.guards import (
+    API_KEY_HEADER,
+    Admission,
+    ApiKeyMiddleware,
+    Scope,
+    WorkGuardMiddleware,
+    is_protected,
+    route_path,
+)
+from service.api.oip_v2 import create_oip_v2_router
+from service.contract.cards import InputSpec
+from service.core.batching import BatchStats
+from service.core.cpu import lower_current_thread_priority
+from service.core.inference import (
+    CutoutOutcome,
+    InferenceEngine,
+    PreparedCutout,
+    prepare_cutout_for_input,
+    prepare_plain_cutout_for_input,
+)
+from service.core.isolation import IsolatedDecoder
+from service.core.runtime import MAX_SEED, OnnxModelRuntime, available_providers
 from service.errors import (
     BandMismatchError,
     CutoutTooSmallError,
@@ -77,26 +96,7 @@ from service.errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
-from service.fits_codec import RAW_FITS_MEDIA_TYPES, FitsLimits
-from service.guards import (
-    API_KEY_HEADER,
-    Admission,
-    ApiKeyMiddleware,
-    Scope,
-    WorkGuardMiddleware,
-    is_protected,
-    route_path,
-)
-from service.inference import (
-    CutoutOutcome,
-    InferenceEngine,
-    PreparedCutout,
-    prepare_cutout_for_input,
-    prepare_plain_cutout_for_input,
-)
-from service.isolation import IsolatedDecoder
-from service.oip_v2 import create_oip_v2_router
-from service.runtime import MAX_SEED, OnnxModelRuntime, available_providers
+from service.fits.decode import RAW_FITS_MEDIA_TYPES, FitsLimits
 from service.schemas import (
     ErrorResponse,
     HealthResponse,
@@ -935,7 +935,7 @@ def _install_middlewares(app: FastAPI, state: _AppState) -> None:
     def render_error(exc: LensServeError, scope: Scope) -> JSONResponse:
         response = _service_error_response(exc, state)
         if is_protected(route_path(scope), ("/v2",)):
-            # The Open Inference Protocol's error shape (service.oip_v2), same status and headers.
+            # The Open Inference Protocol's error shape (.oip_v2), same status and headers.
             kept = {k: v for k, v in response.headers.items() if k in _GUARD_HEADERS}
             response = JSONResponse(
                 {"error": str(exc)}, status_code=response.status_code, headers=kept

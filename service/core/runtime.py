@@ -42,7 +42,7 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from service.cards import (
+from service.contract.cards import (
     CLASSIFIER_NAME,
     MC_NAME,
     MC_PARAMETERS_OUTPUT,
@@ -52,8 +52,8 @@ from service.cards import (
     ModelSet,
     read_model_cards,
 )
+from service.core.cpu import available_cores
 from service.errors import InferenceError, ModelUnavailableError
-from service.settings import available_cores
 
 logger = logging.getLogger("lensserve.runtime")
 
@@ -384,7 +384,7 @@ class OnnxModelRuntime:
         Parameters
         ----------
         images : ndarray, shape (n, 64, 64, 3), float32
-            Network inputs from :func:`service.preprocessing.preprocess_batch`.
+            Network inputs from :func:`service.contract.preprocessing.preprocess_batch`.
         num_samples : int
             MC-dropout passes per cutout, T (samples).
         seed : int or None

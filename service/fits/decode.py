@@ -45,8 +45,8 @@ from service.errors import (
     TooManyMaskedPixelsError,
     UnsupportedMediaTypeError,
 )
-from service.plain_fits import read_plain_primary
-from service.sky import TanWcs, simple_tan_wcs
+from service.fits.plain import read_plain_primary
+from service.fits.tan_wcs import TanWcs, simple_tan_wcs
 
 #: Plane order assumed for a cube without a ``BANDS`` keyword.
 DEFAULT_CUBE_BANDS = ("g", "r", "i")
@@ -132,7 +132,7 @@ DEFAULT_LIMITS = FitsLimits()
 
 @dataclass(frozen=True)
 class DecodedCutout:
-    """A decoded cutout, ready for :func:`service.preprocessing.preprocess_cutout`.
+    """A decoded cutout, ready for :func:`service.contract.preprocessing.preprocess_cutout`.
 
     Parameters
     ----------
@@ -161,7 +161,7 @@ class _Image:
     """An image HDU with data: its position, and its shape in numpy order."""
 
     index: int
-    hdu: fits.PrimaryHDU | fits.ImageHDU | None  # None: read by service.plain_fits
+    hdu: fits.PrimaryHDU | fits.ImageHDU | None  # None: read by service.fits.plain
     header: Mapping[str, object]
     full_shape: tuple[int, ...]
     shape: tuple[int, ...]  # full_shape without leading length-1 axes, at least 2D
@@ -957,7 +957,7 @@ def _astropy_sky_position(
     header: fits.Header, *, x: float, y: float
 ) -> tuple[list[float], float, float]:
     """(pixel scales in arcsec, RA, Dec in degrees) at 0-based (x, y) through astropy's WCS."""
-    # Headers that are not plain ICRS TAN (service.sky) come here. Building WCS objects and
+    # Headers that are not plain ICRS TAN (service.fits.tan_wcs) come here. Building WCS objects and
     # SkyCoords dominated decoding: one WCS of the two image axes is all the answer needs
     # (celestial axes elsewhere leave it without a longitude/latitude pair), and ICRS needs
     # no frame transform.

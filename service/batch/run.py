@@ -1,7 +1,7 @@
 """Catalogue-scale scoring on Dask: ``lensserve batch`` without HTTP.
 
 The inputs are cut into partitions of ``partition_size`` files; each is one
-Dask task, :func:`service.batch_worker.score_partition`, which runs the API's
+Dask task, :func:`service.batch.worker.score_partition`, which runs the API's
 decoding, models and result building on a worker that keeps its sessions.
 This module is the client side: it keeps a bounded number of tasks in flight,
 writes each finished partition, and merges them into the output table.
@@ -41,9 +41,9 @@ import pyarrow.parquet as pq
 from distributed import Client, LocalCluster, as_completed
 from tqdm import tqdm
 
-from service import batch_table
-from service.batch_inputs import resolve_inputs
-from service.batch_worker import PartitionResult, WorkerConfig, result_rows, score_partition
+from service.batch import table as batch_table
+from service.batch.inputs import resolve_inputs
+from service.batch.worker import PartitionResult, WorkerConfig, result_rows, score_partition
 from service.errors import InferenceError, InvalidBatchInputError, LensServeError
 
 logger = logging.getLogger("lensserve.batch")
@@ -237,7 +237,7 @@ def run_batch(
     Parameters
     ----------
     inputs : sequence of str
-        FITS files, globs, folders or lists of paths (see :mod:`service.batch_inputs`).
+        FITS files, globs, folders or lists of paths (see :mod:`service.batch.inputs`).
     out : Path
         Table to write: ``.parquet``, ``.csv`` or ``.fits``.
     config : WorkerConfig

@@ -27,7 +27,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from service.cpu_priority import lower_current_thread_priority
+from service.core.cpu import lower_current_thread_priority
 from service.errors import InvalidFitsError
 
 logger = logging.getLogger("lensserve.isolation")
@@ -35,7 +35,7 @@ logger = logging.getLogger("lensserve.isolation")
 ResultT = TypeVar("ResultT")
 
 #: Imported once in the fork server, so new workers start in milliseconds.
-_PRELOAD = ["service.fits_codec", "service.preprocessing", "service.inference"]
+_PRELOAD = ["service.fits.decode", "service.contract.preprocessing", "service.core.inference"]
 
 
 def _limit_worker(max_memory_bytes: int, niceness: int) -> None:
@@ -55,7 +55,7 @@ class IsolatedDecoder:
     max_memory_bytes : int
         Address-space limit of each worker (bytes).
     niceness : int
-        Added to each worker's nice value (see :mod:`service.cpu_priority`).
+        Added to each worker's nice value (see :mod:`service.core.cpu`).
     """
 
     def __init__(self, *, workers: int, max_memory_bytes: int, niceness: int = 0) -> None:

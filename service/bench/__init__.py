@@ -1,0 +1,1 @@
+"""``lensserve bench``: the throughput table of docs/performance.md."""

@@ -1,0 +1,1 @@
+"""What training shares with serving: model cards, preprocessing and uncertainty summaries."""

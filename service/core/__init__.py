@@ -1,0 +1,1 @@
+"""The transport-free core: onnxruntime models, dynamic batching, the inference engine."""

@@ -1,0 +1,1 @@
+"""FITS bytes to a band-ordered cutout: limits, decompression, one header scanner, TAN WCS."""
