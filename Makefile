@@ -39,6 +39,7 @@ serve: $(VENV)/.serve
 
 test: $(VENV)/.test
 	$(BIN)/ruff check service training tests tools
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 # Open-loop overload of a fresh local server (2x its measured capacity for 60 s); a command,
