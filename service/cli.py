@@ -92,7 +92,6 @@ def _batch(args: argparse.Namespace) -> int:
     try:
         from service.batch.run import run_batch
         from service.batch.worker import WorkerConfig
-        from service.fits.decode import FitsLimits
     except ImportError as exc:
         print(
             f"lensserve batch needs Dask and pyarrow ({exc}); pip install 'lensserve[batch]'",
@@ -117,12 +116,7 @@ def _batch(args: argparse.Namespace) -> int:
         device=settings.device,
         # Parallelism comes from the workers: one operator thread each unless configured.
         intra_op_threads=settings.intra_op_threads or 1,
-        limits=FitsLimits(
-            max_decompressed_bytes=settings.max_decompressed_bytes,
-            max_pixels=settings.max_pixels,
-            max_header_cards=settings.max_header_cards,
-            max_masked_fraction=settings.max_masked_fraction,
-        ),
+        limits=settings.fits_limits,
         num_samples=samples,
         seed=args.seed,
     )

@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.core.cpu import available_cores
-from service.fits.decode import DEFAULT_LIMITS
+from service.fits.decode import DEFAULT_LIMITS, FitsLimits
 
 #: The ``models/`` folder next to the ``service/`` package in a source checkout.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -194,6 +194,16 @@ class Settings(BaseSettings):
     def resolved_intra_op_threads(self) -> int:
         """onnxruntime intra-op threads after resolving 0 to the cores per instance (count)."""
         return self.intra_op_threads or max(1, available_cores() // self.resolved_model_instances)
+
+    @property
+    def fits_limits(self) -> FitsLimits:
+        """The limits every FITS file is decoded under, from the four ``max_*`` fields above."""
+        return FitsLimits(
+            max_decompressed_bytes=self.max_decompressed_bytes,
+            max_pixels=self.max_pixels,
+            max_header_cards=self.max_header_cards,
+            max_masked_fraction=self.max_masked_fraction,
+        )
 
     @property
     def resolved_decode_threads(self) -> int:

@@ -26,7 +26,8 @@ import pytest
 from astropy.io import fits
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app, status_for
+from service.api.app import create_app
+from service.api.errors import status_for
 from service.core.cpu import available_cores
 from service.core.runtime import OnnxModelRuntime
 from service.errors import (
