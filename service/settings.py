@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.core.cpu import available_cores
-from service.fits.decode import DEFAULT_LIMITS, FitsLimits
+from service.fits.raw import DEFAULT_LIMITS, FitsLimits
 
 #: The ``models/`` folder next to the ``service/`` package in a source checkout.
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "models"

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from service.api.uploads import read_capped_body
 from service.contract.cards import InputSpec, ModelSet
 from service.core.inference import decode_for_input
-from service.fits.decode import RAW_FITS_MEDIA_TYPES, FitsLimits
+from service.fits.raw import RAW_FITS_MEDIA_TYPES, FitsLimits
 
 STATIC_DIR = Path(__file__).with_name("static")
 #: Files the page loads, with their media types; nothing else under static/ is served.

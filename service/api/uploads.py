@@ -14,7 +14,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.core.decode_pool import Upload
 from service.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
-from service.fits.decode import RAW_FITS_MEDIA_TYPES
+from service.fits.raw import RAW_FITS_MEDIA_TYPES
 
 MULTIPART_MEDIA_TYPE = "multipart/form-data"
 #: Form field that carries the files of a multipart request.

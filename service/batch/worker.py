@@ -23,7 +23,7 @@ from service.batch.table import flatten_result
 from service.core.inference import CutoutOutcome, PreparedCutout, predict_chunk, prepare_cutout
 from service.core.runtime import Device, OnnxModelRuntime
 from service.errors import InvalidFitsError, LensServeError, UnreadableFileError
-from service.fits.decode import FitsLimits
+from service.fits.raw import FitsLimits
 from service.schemas import encode_result
 
 logger = logging.getLogger("lensserve.batch")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from service.contract.cards import read_model_cards
 from service.core.inference import prepare_cutout
-from service.fits.decode import DEFAULT_LIMITS
+from service.fits.raw import DEFAULT_LIMITS
 
 
 def _keras_file(models_dir: Path, name: str) -> str:

@@ -49,7 +49,7 @@ from service.contract.cards import CLASSIFIER_NAME, REGRESSOR_NAME
 from service.core.cpu import available_cores
 from service.core.inference import PreparedCutout, predict_chunk, prepare_cutout
 from service.core.runtime import Device, OnnxModelRuntime
-from service.fits.decode import DEFAULT_LIMITS
+from service.fits.raw import DEFAULT_LIMITS
 from service.schemas import PredictResponse, encode_result
 from service.settings import Settings
 

@@ -25,7 +25,7 @@ from service.core.inference import (
 )
 from service.core.isolation import IsolatedDecoder
 from service.errors import InvalidFitsError, LensServeError
-from service.fits.decode import FitsLimits
+from service.fits.raw import FitsLimits
 
 logger = logging.getLogger("lensserve.api")
 ResultT = TypeVar("ResultT")

@@ -33,7 +33,8 @@ from service.contract.uncertainty import (
 from service.core.batching import BatchStats, DynamicBatcher
 from service.core.runtime import MAX_SEED, ModelRuntime, RawPredictions
 from service.errors import InferenceError, LensServeError
-from service.fits.decode import DecodedCutout, FitsLimits, decode_fits, decode_plain_fits
+from service.fits.decode import DecodedCutout, decode_fits, decode_plain_fits
+from service.fits.raw import FitsLimits
 
 
 @dataclass(frozen=True)

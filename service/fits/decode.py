@@ -11,8 +11,9 @@ Accepted layouts (see ``shared/samples/README.md``):
   HDUs, with any BITPIX and BSCALE/BZERO/BLANK.
 
 Every input is hostile until proven otherwise: the decompressed size, the
-header lengths and the image sizes are checked against :class:`FitsLimits`
-before astropy parses or reads them, and whatever astropy raises is wrapped,
+header lengths and the image sizes are checked against
+:class:`~service.fits.raw.FitsLimits` (:mod:`service.fits.raw`) before astropy
+parses or reads them, and whatever astropy raises is wrapped,
 so :func:`decode_fits` raises only :class:`~service.errors.LensServeError`
 subclasses whatever the bytes.
 """
@@ -23,7 +24,6 @@ import math
 import re
 import threading
 import warnings
-import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,91 +43,35 @@ from service.errors import (
     PayloadTooLargeError,
     PixelScaleMismatchError,
     TooManyMaskedPixelsError,
-    UnsupportedMediaTypeError,
 )
 from service.fits.plain import read_plain_primary
+from service.fits.raw import (
+    ACCEPTED_LAYOUTS,
+    BITPIX_VALUES,
+    DEFAULT_LIMITS,
+    FITS_MAGIC,
+    IDENTITY_ENCODINGS,
+    MAX_HDUS,
+    FitsLimits,
+    check_axis_counts,
+    check_header_lengths,
+    check_signature,
+    decompress,
+)
 from service.fits.tan_wcs import TanWcs, simple_tan_wcs
 
 #: Plane order assumed for a cube without a ``BANDS`` keyword.
 DEFAULT_CUBE_BANDS = ("g", "r", "i")
 #: Largest relative difference between the WCS and the model pixel scales (DES: 0.263 arcsec).
 PIXEL_SCALE_TOLERANCE = 0.02
-#: Most HDUs one file may hold; a cutout needs at most one per band plus the primary.
-MAX_HDUS = 64
-#: First bytes of a gzip member (RFC 1952) and of a FITS file (FITS 4.0, section 4.4.1.1).
-GZIP_MAGIC = b"\x1f\x8b"
-FITS_MAGIC = b"SIMPLE  ="
-#: Content-Encoding values read as gzip or as no encoding.
-GZIP_ENCODINGS = frozenset({"gzip", "x-gzip"})
-IDENTITY_ENCODINGS = frozenset({"", "identity"})
-#: A body may be gzipped for transport on top of a ``.fits.gz`` file, but no deeper.
-MAX_GZIP_LAYERS = 2
 #: Header keywords naming the band of a 2D image, in order of preference (EXTNAME is the fallback).
 BAND_KEYWORDS = ("FILTER", "BAND")
 #: Single-letter survey bands recognised inside FILTER values such as 'DECam r'.
 KNOWN_BANDS = frozenset("ugrizy")
-#: The BITPIX values FITS allows (FITS 4.0, table 8).
-BITPIX_VALUES = frozenset({8, 16, 32, 64, -32, -64})
-
-_CARD_BYTES = 80
-_BLOCK_BYTES = 2880
-#: Compressed bytes fed to zlib per call: keeps each copy of its unconsumed input small.
-_INFLATE_INPUT_BYTES = 1 << 16
-#: Most axes (NAXIS, ZNAXIS) or table columns (TFIELDS) the FITS standard allows.
-MAX_AXES = 999
-#: A card of a keyword astropy loops over, with a signed integer value.
-_COUNT_CARD = re.compile(rb"(NAXIS|ZNAXIS|TFIELDS) *= *([-+]?\d+)")
 _BAND_SEPARATORS = re.compile(r"[\s,;:/_.'\"()\[\]-]+")
-_ACCEPTED = (
-    "accepted: a FITS file, optionally gzip-compressed, holding the bands as an image cube "
-    "(planes named by BANDS) or as one 2D image extension per band (named by FILTER, BAND or "
-    "EXTNAME)"
-)
 #: ``warnings.catch_warnings`` swaps process-wide state; concurrent decodes in worker
 #: threads must not interleave their save/restore, or the filters end up wrong for good.
 _WARNINGS_LOCK = threading.Lock()
-
-
-#: Media types under which an HTTP body is one FITS file.
-RAW_FITS_MEDIA_TYPES = ("application/fits", "image/fits", "application/octet-stream")
-
-
-@dataclass(frozen=True)
-class FitsLimits:
-    """Caps that keep a hostile file from exhausting memory or time.
-
-    Parameters
-    ----------
-    max_decompressed_bytes : int
-        Largest FITS file accepted after gunzipping (bytes); a gzip bomb is
-        refused as soon as its output passes this.
-    max_pixels : int
-        Largest image accepted per HDU (pixels, product of NAXISn), checked
-        from the header before any data is read.
-    max_header_cards : int
-        Most cards (80-byte records) one header may hold.
-    max_masked_fraction : float
-        Largest fraction (0-1) of the cropped cutout that may be masked
-        (NaN or BLANK).
-    """
-
-    # Sized for cutouts on a small box; Settings takes its defaults from here.
-    max_decompressed_bytes: int = 64 * 2**20
-    max_pixels: int = 4_000_000
-    max_header_cards: int = 2000
-    max_masked_fraction: float = 0.25
-
-    def __post_init__(self) -> None:
-        for name in ("max_decompressed_bytes", "max_pixels", "max_header_cards"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.max_masked_fraction <= 1.0:
-            raise ValueError(
-                f"max_masked_fraction must lie in [0, 1], got {self.max_masked_fraction}"
-            )
-
-
-DEFAULT_LIMITS = FitsLimits()
 
 
 @dataclass(frozen=True)
@@ -257,16 +201,16 @@ def decode_fits(
     """
     wanted = _normalise_bands(bands)
     _check_geometry(size_pixels, pixel_scale_arcsec)
-    raw = _decompress(bytes(data), content_encoding=content_encoding, limits=limits)
-    _check_signature(raw)
+    raw = decompress(bytes(data), content_encoding=content_encoding, limits=limits)
+    check_signature(raw)
     target = _Target(wanted, size_pixels, pixel_scale_arcsec, limits)
     decoded = _decode_plain_cube(raw, target)
     if decoded is not None:
         return decoded
     # Guards for astropy, which loops over what headers claim (the plain reader reads
     # at most max_header_cards cards and three axes, so needs none of them).
-    _check_axis_counts(raw)
-    _check_header_lengths(raw, limits)
+    check_axis_counts(raw)
+    check_header_lengths(raw, limits)
     return _decode_with_astropy(raw, target)
 
 
@@ -387,188 +331,6 @@ def _check_geometry(size_pixels: int, pixel_scale_arcsec: float) -> None:
         raise ValueError(f"pixel_scale_arcsec must be positive, got {pixel_scale_arcsec}")
 
 
-# --------------------------------------------------------------------------- bytes
-
-
-def _decompress(data: bytes, *, content_encoding: str | None, limits: FitsLimits) -> bytes:
-    """The FITS bytes: gunzipped when gzip-compressed, within the decompressed-size cap."""
-    encoding = (content_encoding or "").strip().lower()
-    if encoding not in GZIP_ENCODINGS | IDENTITY_ENCODINGS:
-        raise UnsupportedMediaTypeError(
-            f"got Content-Encoding {content_encoding!r}; accepted: gzip or identity"
-        )
-    if encoding in GZIP_ENCODINGS and not data.startswith(GZIP_MAGIC):
-        raise InvalidFitsError(
-            f"got a body declared as Content-Encoding {content_encoding!r} that does not start "
-            f"with the gzip magic bytes 1f 8b (it starts with {data[:8]!r})"
-        )
-    for _ in range(MAX_GZIP_LAYERS):
-        if not data.startswith(GZIP_MAGIC):
-            break
-        data = _gunzip(data, max_bytes=limits.max_decompressed_bytes)
-    else:
-        if data.startswith(GZIP_MAGIC):
-            raise InvalidFitsError(
-                f"got a file gzip-compressed more than {MAX_GZIP_LAYERS} times; {_ACCEPTED}"
-            )
-    if len(data) > limits.max_decompressed_bytes:
-        raise PayloadTooLargeError(
-            f"got a {len(data)}-byte FITS file; at most {limits.max_decompressed_bytes} bytes "
-            "are accepted"
-        )
-    return data
-
-
-def _gunzip(data: bytes, *, max_bytes: int) -> bytes:
-    """Inflate every gzip member in ``data``, refusing output beyond ``max_bytes`` (bytes)."""
-    out = bytearray()
-    rest = data
-    while rest.startswith(GZIP_MAGIC):
-        rest = _inflate_member(rest, out, max_bytes=max_bytes)
-    if rest.strip(b"\0"):
-        raise InvalidFitsError(
-            f"got {len(rest)} bytes of trailing data after the gzip stream, starting with "
-            f"{rest[:8]!r}; {_ACCEPTED}"
-        )
-    return bytes(out)
-
-
-def _inflate_member(member: bytes, out: bytearray, *, max_bytes: int) -> bytes:
-    """Inflate the gzip member at the start of ``member`` into ``out``; return what follows it.
-
-    The output is produced at most ``max_bytes + 1`` bytes at a time, so a
-    gzip bomb costs no more than the cap in time and memory before it is refused.
-    """
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    view = memoryview(member)
-    try:
-        for start in range(0, len(view), _INFLATE_INPUT_BYTES):
-            pending: bytes | memoryview = view[start : start + _INFLATE_INPUT_BYTES]
-            while pending and not inflater.eof:
-                out += inflater.decompress(pending, max_bytes + 1 - len(out))
-                if len(out) > max_bytes:
-                    raise PayloadTooLargeError(
-                        f"got a gzip file that inflates to more than {max_bytes} bytes; at "
-                        f"most {max_bytes} decompressed bytes are accepted"
-                    )
-                pending = inflater.unconsumed_tail
-            if inflater.eof:
-                return inflater.unused_data + bytes(view[start + _INFLATE_INPUT_BYTES :])
-    except zlib.error as exc:
-        raise InvalidFitsError(f"got a corrupt gzip stream ({exc}); {_ACCEPTED}") from exc
-    raise InvalidFitsError(
-        f"got a gzip stream that ends early, after {len(out)} decompressed bytes (truncated?); "
-        f"{_ACCEPTED}"
-    )
-
-
-def _check_signature(raw: bytes) -> None:
-    """InvalidFitsError unless ``raw`` starts like a FITS file."""
-    if not raw:
-        raise InvalidFitsError(f"got an empty file (0 bytes); {_ACCEPTED}")
-    if not raw.startswith(FITS_MAGIC):
-        raise InvalidFitsError(
-            f"got {len(raw)} bytes starting with {raw[:20]!r}, not a FITS file (which starts "
-            f"with {FITS_MAGIC.decode()!r}); {_ACCEPTED}"
-        )
-
-
-def _check_header_lengths(raw: bytes, limits: FitsLimits) -> None:
-    """Refuse a header over ``limits.max_header_cards`` cards before astropy parses it.
-
-    astropy spends microseconds per card, so a header tens of megabytes long
-    would hold a worker for seconds. This walks the HDUs by their mandatory
-    keywords only and stops quietly at anything it cannot follow; astropy
-    judges the rest, and :func:`_read_images` checks each parsed header too.
-    """
-    offset = 0
-    for index in range(MAX_HDUS):
-        header = _raw_header(raw, offset, index=index, max_cards=limits.max_header_cards)
-        if header is None:
-            return
-        keywords, header_bytes = header
-        data_bytes = _raw_data_bytes(keywords)
-        if data_bytes is None:
-            return
-        offset += header_bytes + _padded(data_bytes)
-        if not raw.startswith(b"XTENSION=", offset):
-            return  # the end, or bytes after the last HDU that astropy ignores
-
-
-def _check_axis_counts(raw: bytes) -> None:
-    """Refuse NAXIS, ZNAXIS or TFIELDS outside 0-999 anywhere a header card could start.
-
-    astropy loops ``range(NAXIS)`` (and over ZNAXIS, TFIELDS) while it builds an
-    HDU, so one card claiming 2**31 axes holds a worker for hours and fills
-    gigabytes (found by fuzzing). FITS caps all three at 999 (FITS 4.0,
-    sections 4.4.1.1, 7.2.1 and 10.1.1). Every header starts on a 2880-byte
-    block, so only cards on 80-byte boundaries are looked at.
-    """
-    for match in _COUNT_CARD.finditer(raw):
-        if match.start() % _CARD_BYTES:
-            continue
-        value = int(match.group(2))
-        if not 0 <= value <= MAX_AXES:
-            keyword = match.group(1).decode()
-            raise InvalidFitsError(
-                f"got {keyword} = {value} at byte {match.start()}; FITS allows 0 to {MAX_AXES}"
-            )
-
-
-def _raw_header(
-    raw: bytes, offset: int, *, index: int, max_cards: int
-) -> tuple[dict[str, int], int] | None:
-    """Integer structural keywords of the header at ``offset``, and its padded length (bytes).
-
-    None when the bytes end before an END card.
-    """
-    keywords: dict[str, int] = {}
-    for count, start in enumerate(range(offset, len(raw) - _CARD_BYTES + 1, _CARD_BYTES)):
-        card = raw[start : start + _CARD_BYTES]
-        name = card[:8].rstrip()
-        if name == b"END":
-            return keywords, _padded(start + _CARD_BYTES - offset)
-        if count >= max_cards:
-            raise PayloadTooLargeError(
-                f"got a header (HDU {index}) of more than {max_cards} cards; at most "
-                f"{max_cards} cards per header are accepted"
-            )
-        if name in (b"BITPIX", b"PCOUNT", b"GCOUNT") or name.startswith(b"NAXIS"):
-            value = _raw_card_int(card)
-            if value is not None:  # astropy reads the first of repeated keywords
-                keywords.setdefault(name.decode("ascii", "replace"), value)
-    return None
-
-
-def _raw_card_int(card: bytes) -> int | None:
-    """The integer value of a header card image, or None."""
-    if card[8:10] != b"= ":
-        return None
-    try:
-        return int(card[10:].split(b"/", 1)[0].strip())
-    except ValueError:
-        return None
-
-
-def _raw_data_bytes(keywords: dict[str, int]) -> int | None:
-    """Size (bytes) of the data unit these keywords describe; None for anything unusual."""
-    bitpix, naxis = keywords.get("BITPIX"), keywords.get("NAXIS")
-    pcount, gcount = keywords.get("PCOUNT", 0), keywords.get("GCOUNT", 1)
-    if bitpix not in BITPIX_VALUES or naxis is None or not 0 <= naxis <= 999:
-        return None
-    if naxis == 0:
-        return 0
-    dims = [keywords.get(f"NAXIS{axis}", 0) for axis in range(1, naxis + 1)]
-    if min(dims) <= 0 or pcount < 0 or gcount < 0:
-        return None  # includes random groups (NAXIS1 = 0): obsolete, left to astropy
-    return abs(bitpix) // 8 * gcount * (pcount + math.prod(dims))
-
-
-def _padded(size_bytes: int) -> int:
-    """``size_bytes`` rounded up to whole 2880-byte FITS blocks."""
-    return -(-size_bytes // _BLOCK_BYTES) * _BLOCK_BYTES
-
-
 # --------------------------------------------------------------------------- astropy
 
 
@@ -604,7 +366,8 @@ def _open_fits(raw: bytes) -> fits.HDUList:
         )
     except Exception as exc:  # astropy raises OSError, ValueError, TypeError, ... on bad bytes
         raise InvalidFitsError(
-            f"got {len(raw)} bytes that astropy cannot read as FITS ({_reason(exc)}); {_ACCEPTED}"
+            f"got {len(raw)} bytes that astropy cannot read as FITS ({_reason(exc)}); "
+            f"{ACCEPTED_LAYOUTS}"
         ) from exc
 
 
@@ -635,7 +398,7 @@ def _hdu_at(hdul: fits.HDUList, index: int) -> fits.hdu.base._BaseHDU | None:
         return None
     except Exception as exc:
         raise InvalidFitsError(
-            f"got a FITS file whose HDU {index} cannot be read ({_reason(exc)}); {_ACCEPTED}"
+            f"got a FITS file whose HDU {index} cannot be read ({_reason(exc)}); {ACCEPTED_LAYOUTS}"
         ) from exc
 
 
@@ -692,7 +455,8 @@ def _header(hdu: fits.hdu.base._BaseHDU, index: int) -> fits.Header:
         return hdu.header
     except Exception as exc:
         raise InvalidFitsError(
-            f"got a FITS file whose HDU {index} header cannot be read ({_reason(exc)}); {_ACCEPTED}"
+            f"got a FITS file whose HDU {index} header cannot be read ({_reason(exc)}); "
+            f"{ACCEPTED_LAYOUTS}"
         ) from exc
 
 
@@ -723,7 +487,7 @@ def _select_bands(
     """Where each wanted band is: planes of the first image cube, or 2D image extensions."""
     if not images:
         raise NoImageDataError(
-            f"got a FITS file with no image data: {', '.join(descriptions)}; {_ACCEPTED}"
+            f"got a FITS file with no image data: {', '.join(descriptions)}; {ACCEPTED_LAYOUTS}"
         )
     first = images[0]
     if len(first.shape) == 3:
@@ -732,7 +496,7 @@ def _select_bands(
         return _select_band_images([image for image in images if len(image.shape) == 2], wanted)
     raise NoImageDataError(
         f"got a {len(first.full_shape)}-dimensional image of shape "
-        f"{'x'.join(map(str, first.full_shape))} in HDU {first.index}; {_ACCEPTED}"
+        f"{'x'.join(map(str, first.full_shape))} in HDU {first.index}; {ACCEPTED_LAYOUTS}"
     )
 
 

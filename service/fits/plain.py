@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-_CARD_BYTES = 80
-_BLOCK_BYTES = 2880
+from service.errors import PayloadTooLargeError
+from service.fits.raw import padded_bytes, scan_header
+
 #: Big-endian pixel types of the float BITPIX values; integers need BSCALE/BZERO handling.
 _FLOAT_DTYPES = {-32: np.dtype(">f4"), -64: np.dtype(">f8")}
 #: Cards without a value that may appear anywhere (FITS 4.0 section 4.4.2.4).
@@ -70,7 +71,7 @@ def read_plain_primary(raw: bytes, *, max_cards: int, max_pixels: int) -> PlainP
         return None
     dtype = _FLOAT_DTYPES[header["BITPIX"]]
     data_bytes = math.prod(shape) * dtype.itemsize
-    if len(raw) != header_bytes + _padded(data_bytes):
+    if len(raw) != header_bytes + padded_bytes(data_bytes):
         return None  # truncated, or more HDUs follow: astropy checks and reads those
     data = np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=header_bytes)
     return PlainPrimary(header=header, data=data.reshape(shape))
@@ -78,16 +79,19 @@ def read_plain_primary(raw: bytes, *, max_cards: int, max_pixels: int) -> PlainP
 
 def _parse_header(raw: bytes, *, max_cards: int) -> tuple[dict[str, HeaderValue], int] | None:
     """Keyword values of the primary header and its padded length (bytes); None if unusual."""
+    try:
+        scanned = scan_header(raw, max_cards=max_cards)
+    except PayloadTooLargeError:
+        return None  # astropy's guards refuse it with the same error
+    if scanned is None or scanned.end_card[8:].strip():
+        return None
     header: dict[str, HeaderValue] = {}
-    for index in range(min(max_cards + 1, len(raw) // _CARD_BYTES)):
-        start = index * _CARD_BYTES
+    for card_bytes in scanned.cards:
         try:
-            card = raw[start : start + _CARD_BYTES].decode("ascii")
+            card = card_bytes.decode("ascii")
         except UnicodeDecodeError:
             return None
         name = card[:8].rstrip()
-        if name == "END":
-            return (header, _padded(start + _CARD_BYTES)) if not card[8:].strip() else None
         if name in _COMMENTARY:
             continue
         if card[8:10] != "= " or not _KEYWORD.fullmatch(name):
@@ -96,7 +100,7 @@ def _parse_header(raw: bytes, *, max_cards: int) -> tuple[dict[str, HeaderValue]
         if value is None or name in header:
             return None  # a repeated keyword: astropy decides which counts, or refuses
         header[name] = value
-    return None
+    return header, scanned.size_bytes
 
 
 def _parse_value(field: str) -> HeaderValue | None:
@@ -145,8 +149,3 @@ def _float_image_shape(header: dict[str, HeaderValue]) -> tuple[int, ...] | None
     if not all(type(dim) is int and dim > 0 for dim in dims):
         return None
     return tuple(dims)  # type: ignore[arg-type]
-
-
-def _padded(size_bytes: int) -> int:
-    """``size_bytes`` rounded up to whole 2880-byte FITS blocks."""
-    return -(-size_bytes // _BLOCK_BYTES) * _BLOCK_BYTES
