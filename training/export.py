@@ -2,7 +2,9 @@
 
 The card is the contract with the service: input name, shape, dtype, bands,
 pixel scale and preprocessing id; outputs with meaning and units; training
-data; metrics; the ONNX file name and its sha256.
+data; metrics; the ONNX file name and its sha256. Each card is built as the
+service's :class:`~service.contract.cards.ModelCard`, so a card the service
+would refuse is never written.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import onnx
 import tensorflow as tf
 import tf2onnx
 
+from service.contract.cards import ModelCard, dump_model_card
 from service.contract.preprocessing import PREPROCESSING_ID
 from training.config import BANDS, PIXEL_SCALE_ARCSEC
 from training.evaluate import METRICS_FILE, PLOT_FILES
@@ -203,7 +206,13 @@ def model_card(
     metrics: dict,
     training: dict,
     data_dirs: list[Path],
-) -> dict:
+) -> ModelCard:
+    """The card of model ``name``, validated by the schema the service reads cards with.
+
+    Keys beyond the schema's fields (``training``, ``training_data``,
+    ``keras_file``, the MC model's ``default_num_samples`` and
+    ``aleatoric_calibration_factor``) are kept as the card's extra fields.
+    """
     card = {
         "name": name,
         "version": MODEL_VERSION,
@@ -242,7 +251,7 @@ def model_card(
         card["aleatoric_calibration_factor"] = training.get("aleatoric_calibration_factor")
         if training.get("interval_calibration") is not None:
             card["interval_calibration"] = training["interval_calibration"]
-    return card
+    return ModelCard.model_validate(card)
 
 
 def export_all(runs_dir: Path, models_dir: Path, *, data_dirs: list[Path]) -> list[Path]:
@@ -270,7 +279,7 @@ def export_all(runs_dir: Path, models_dir: Path, *, data_dirs: list[Path]) -> li
             data_dirs=data_dirs,
         )
         card_path = models_dir / f"{name}.json"
-        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        card_path.write_text(dump_model_card(card))
         cards.append(card_path)
         for plot in PLOT_FILES[name]:
             if (runs_dir / plot).exists():

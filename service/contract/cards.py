@@ -184,6 +184,15 @@ class ModelSet:
         return MC_PARAMETERS_OUTPUT in self.mc.output_names
 
 
+def dump_model_card(card: ModelCard) -> str:
+    """The card as ``training/`` writes it to ``models/<name>.json``.
+
+    Only the keys the card was built with are written (no defaults filled in), so
+    reading the file back gives the same card.
+    """
+    return json.dumps(card.model_dump(mode="json", exclude_unset=True), indent=2) + "\n"
+
+
 def read_model_card(path: Path) -> ModelCard:
     """Parse one JSON card.
 
