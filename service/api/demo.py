@@ -1,6 +1,6 @@
 """The browser demo: the page at ``/``, its static files, and the pixels it draws.
 
-The page (``service/static/``: plain HTML, JS and CSS, nothing fetched from
+The page (``service/api/static/``: plain HTML, JS and CSS, nothing fetched from
 elsewhere) posts files to ``/v1/predict`` and draws each cutout from
 ``POST /v1/cutout``, which answers the g, r, i pixels exactly as the service
 decoded them for the models (any accepted layout: cubes, one HDU per band,
