@@ -27,7 +27,7 @@ from service.core.isolation import IsolatedDecoder
 from service.errors import InvalidFitsError, LensServeError
 from service.fits.raw import FitsLimits
 
-logger = logging.getLogger("lensserve.api")
+logger = logging.getLogger("lensserve.decode")
 ResultT = TypeVar("ResultT")
 
 
