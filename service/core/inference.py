@@ -181,7 +181,7 @@ def _prepared(decoded: DecodedCutout, filename: str) -> PreparedCutout:
     """A decoded cutout, preprocessed for the models."""
     return PreparedCutout(
         filename=filename,
-        image=preprocess_cutout(decoded.pixels),
+        image=preprocess_cutout(decoded.pixels, noise_sigma=decoded.noise_sigma),
         masked_fraction=decoded.masked_fraction,
         ra_deg=decoded.ra_deg,
         dec_deg=decoded.dec_deg,
