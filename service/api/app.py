@@ -28,7 +28,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
@@ -43,8 +43,8 @@ from service.api.guards import Admission
 from service.api.metrics import Metrics
 from service.api.middleware import install_middlewares
 from service.api.oip_v2 import create_oip_v2_router
-from service.api.uploads import PREDICT_REQUEST_BODY, read_uploads
-from service.core.decode_pool import DecodePool
+from service.api.uploads import PREDICT_REQUEST_BODY, band_uploads, read_uploads
+from service.core.decode_pool import DecodePool, band_group_name
 from service.core.inference import CutoutOutcome, InferenceEngine, PreparedCutout
 from service.core.runtime import MAX_SEED, OnnxModelRuntime, available_providers
 from service.errors import LensServeError, ModelUnavailableError, OverloadedError
@@ -244,19 +244,28 @@ def _predict_cutouts_endpoint(state: _AppState) -> Callable[..., Awaitable[Respo
             ),
         ] = None,
     ) -> Response:
-        """Answer one result per file, in order.
+        """Answer one result per file, in order; one object sent as one file per band
+        (multipart fields `g`, `r`, `i`) gets one result.
 
         In a request with several files, a file that cannot be used gets an
         `error` in its result and the others are answered; a request with one
-        file that cannot be used is answered with a 4xx error.
+        file (or one object) that cannot be used is answered with a 4xx error.
         """
         state.require_ready()
+        spec = state.runtime.models.input
         uploads = await read_uploads(
-            request, max_body_bytes=settings.max_body_bytes, max_files=settings.max_files
+            request,
+            max_body_bytes=settings.max_body_bytes,
+            max_files=settings.max_files,
+            band_fields=spec.bands,
         )
-        outcomes: list[CutoutOutcome | PreparedCutout] = list(
-            await state.decode_pool.prepare(uploads, spec=state.runtime.models.input)
-        )
+        per_band = band_uploads(uploads, spec.bands)
+        outcomes: list[CutoutOutcome | PreparedCutout]
+        if per_band is not None:
+            outcomes = [await state.decode_pool.prepare_bands(per_band, spec=spec)]
+            uploads = [replace(per_band[0], filename=band_group_name(per_band), band=None)]
+        else:
+            outcomes = list(await state.decode_pool.prepare(uploads, spec=spec))
         if len(outcomes) == 1 and isinstance(outcomes[0], LensServeError):
             raise outcomes[0]
         prepared = [o for o in outcomes if isinstance(o, PreparedCutout)]

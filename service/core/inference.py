@@ -16,7 +16,7 @@ Two steps, so each can run where it belongs:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -33,7 +33,13 @@ from service.contract.uncertainty import (
 from service.core.batching import BatchStats, DynamicBatcher
 from service.core.runtime import MAX_SEED, ModelRuntime, RawPredictions
 from service.errors import InferenceError, LensServeError
-from service.fits.decode import DecodedCutout, decode_fits, decode_plain_fits
+from service.fits.decode import (
+    BandFile,
+    DecodedCutout,
+    decode_band_files,
+    decode_fits,
+    decode_plain_fits,
+)
 from service.fits.raw import FitsLimits
 
 
@@ -156,6 +162,33 @@ def prepare_cutout_for_input(
     """
     decoded = decode_for_input(data, spec=spec, limits=limits, content_encoding=content_encoding)
     return _prepared(decoded, filename)
+
+
+def decode_band_files_for_input(
+    files: Mapping[str, BandFile], *, spec: InputSpec, limits: FitsLimits
+) -> DecodedCutout:
+    """Decode one object sent as one file per band, for the models' input."""
+    return decode_band_files(files, **_geometry(spec), limits=limits)
+
+
+def prepare_band_files_for_input(
+    files: Mapping[str, BandFile], *, filename: str, spec: InputSpec, limits: FitsLimits
+) -> PreparedCutout:
+    """:func:`prepare_cutout_for_input` for one object sent as one file per band (picklable,
+    for worker processes).
+
+    Parameters
+    ----------
+    files : mapping of str to BandFile
+        One file per band of ``spec``, keyed by band name.
+    filename : str
+        Name reported back with the result.
+    spec : InputSpec
+        Bands, cutout shape (pixels) and pixel scale (arcsec/pixel) of the models' input.
+    limits : FitsLimits
+        Caps applied to each file.
+    """
+    return _prepared(decode_band_files_for_input(files, spec=spec, limits=limits), filename)
 
 
 def prepare_plain_cutout_for_input(
