@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service.core.cpu import available_cores
+from service.fits.band_files import DEFAULT_BAND_PATTERN
 from service.settings import Settings
 
 Handler = Callable[[argparse.Namespace], int]
@@ -130,6 +131,8 @@ def _batch(args: argparse.Namespace) -> int:
             n_workers=args.workers or available_cores(),
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            group_bands=args.group_bands,
+            bands=args.bands,
         )
     except (LensServeError, ValueError) as exc:
         print(f"lensserve batch: {exc}", file=sys.stderr)
@@ -188,6 +191,7 @@ def _add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
         "--models-dir", type=Path, default=None, help="folder with the ONNX models and cards"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_band_grouping_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_batch)
 
@@ -209,6 +213,8 @@ def _predict(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         checkpoint_s=args.checkpoint_s,
+        group_bands=args.group_bands,
+        bands=args.bands,
     )
 
 
@@ -260,8 +266,36 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
         help="longest time between two rewrites of --out, in seconds; 0 rewrites it after "
         "every file (default: %(default)s)",
     )
+    _add_band_grouping_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_predict)
+
+
+def _band_list(text: str) -> tuple[str, ...]:
+    bands = tuple(band.strip().lower() for band in text.split(",") if band.strip())
+    if not bands or len(set(bands)) != len(bands):
+        raise argparse.ArgumentTypeError(f"expected distinct bands such as g,r,i, got {text!r}")
+    return bands
+
+
+def _add_band_grouping_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--group-bands [PATTERN]`` and ``--bands``, shared by predict and batch."""
+    parser.add_argument(
+        "--group-bands",
+        nargs="?",
+        const=DEFAULT_BAND_PATTERN,
+        default=None,
+        metavar="PATTERN",
+        help="send files of one object, one per band, as one object, grouped by the name "
+        "pattern ({stem}, {band}, [optional text]; default: %(const)s); one row per object",
+    )
+    parser.add_argument(
+        "--bands",
+        type=_band_list,
+        default=("g", "r", "i"),
+        help="with --group-bands, the bands of an object, comma-separated; files of other "
+        "bands are left out (default: g,r,i, the shipped models' bands)",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
