@@ -451,3 +451,33 @@ def test_the_demo_cutout_takes_per_band_files(app_client, planes, plain):
     assert "missing i" in _error(
         app_client.post("/v1/cutout", files=_per_band_form({b: files[b] for b in "gr"}))
     )
+
+
+def _with_extra_hdu(data: bytes, hdu: Any) -> bytes:
+    with fits.open(io.BytesIO(data)) as hdul:
+        buffer = io.BytesIO()
+        fits.HDUList([*hdul, hdu]).writeto(buffer)
+    return buffer.getvalue()
+
+
+def test_multi_band_file_mistakes_are_4xx_naming_the_extensions(app_client, planes):
+    mer = _euclid_mer(planes)
+    second_rms = _with_extra_hdu(mer, fits.ImageHDU(np.ones((SIZE, SIZE)), name="DES_G_ERR"))
+    second_science = _with_extra_hdu(
+        mer, fits.ImageHDU(planes["r"], header=_wcs_header(), name="DES_R_FLUX")
+    )
+    misfit_mask = _with_extra_hdu(mer, fits.ImageHDU(np.zeros((8, 8)), name="DES_I_MSK"))
+    psf_only = _fits_bytes(
+        [fits.PrimaryHDU()] + [fits.ImageHDU(planes[b], name=f"DES_{b.upper()}_PSF") for b in BANDS]
+    )
+    expected = {
+        second_rms: ["2 rms images for band g", "DES_G_RMS", "DES_G_ERR"],
+        second_science: ["band r in 2 HDUs", "DES_R_BGSUB", "DES_R_FLUX"],
+        misfit_mask: ["mask DES_I_MSK", "band i at 8x8", "DES_I_BGSUB"],
+        psf_only: ["HDU 1: g psf", "missing g, r, i"],
+    }
+    for data, parts in expected.items():
+        response = _predict(app_client, content=data, headers={"content-type": "application/fits"})
+        assert response.status_code == 422, response.text
+        message = response.json()["error"]["message"]
+        assert all(part in message for part in parts), message
