@@ -261,10 +261,16 @@ def test_noise_override_leaves_the_default_path_bit_identical(planes, plain):
             preprocess_cutout(data).tobytes()
             == preprocess_cutout(data, noise_sigma=[None, None, None]).tobytes()
         )
-    # A known noise level twice the estimate halves the stretch's argument.
-    estimated = preprocess_cutout(cube)
-    doubled = preprocess_cutout(cube, noise_sigma=[2.0 * 1.4826 * 0.6745] * 3)
-    assert np.abs(doubled).max() < np.abs(estimated).max()
+    # With every band's noise known (s), the input is asinh((x - border median) / (3 s)):
+    # the definition in service/contract/preprocessing.py, nothing estimated from the pixels.
+    border = np.ones((SIZE, SIZE), dtype=bool)
+    border[4:-4, 4:-4] = False
+    background = np.array([np.median(band[border]) for band in cube])
+    expected = np.arcsinh((cube - background[:, None, None]) / (3 * 2.5))
+    known = preprocess_cutout(cube, noise_sigma=[2.5, 2.5, 2.5])
+    np.testing.assert_allclose(known, np.moveaxis(expected, 0, -1), rtol=1e-6, atol=1e-6)
+    # The shared scale is the median of the bands' levels, known or estimated.
+    np.testing.assert_array_equal(preprocess_cutout(cube, noise_sigma=[None, 2.5, 2.5]), known)
     with pytest.raises(ValueError, match="positive"):
         preprocess_cutout(cube, noise_sigma=[0.0, 1.0, 1.0])
 
