@@ -10,6 +10,7 @@ pixels or the noise level and within 0.02 when a weight or RMS map sets the nois
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.contract.preprocessing import preprocess_cutout
-from service.errors import BandMismatchError, NoImageDataError
+from service.errors import BandMismatchError, LensServeError, NoImageDataError
 from service.fits.decode import BandFile, decode_band_files, decode_fits, decode_plain_fits
 from service.settings import Settings
 
@@ -487,3 +488,50 @@ def test_multi_band_file_mistakes_are_4xx_naming_the_extensions(app_client, plan
         assert response.status_code == 422, response.text
         message = response.json()["error"]["message"]
         assert all(part in message for part in parts), message
+
+
+#: Header keywords the new layouts read, and values to put in them.
+_HOSTILE_KEYWORDS = (
+    b"EXTNAME",
+    b"FILTER ",
+    b"BAND0  ",
+    b"BAND1  ",
+    b"BANDS  ",
+    b"CRPIX1 ",
+    b"CD1_1  ",
+)
+_HOSTILE_VALUES = (b"'DES_G_RMS'", b"'r'", b"'MSK PSF'", b"0", b"-1E300", b"'g,g,g'", b"NaN", b"''")
+
+
+def _mutant(data: bytes, rng: np.random.Generator) -> bytes:
+    """``data`` with one of the keywords above given a hostile value, or bytes flipped."""
+    out = bytearray(data)
+    if rng.random() < 0.7:
+        starts = [m.start() for key in _HOSTILE_KEYWORDS for m in re.finditer(re.escape(key), data)]
+        if starts:
+            start = int(rng.choice(starts))
+            value = _HOSTILE_VALUES[int(rng.integers(len(_HOSTILE_VALUES)))]
+            out[start + 10 : start + 80] = value.ljust(70)
+            return bytes(out)
+    for position in rng.integers(0, len(out), size=8):
+        out[int(position)] = int(rng.integers(256))
+    return bytes(out)
+
+
+def test_mutated_new_layouts_raise_only_service_errors(planes):
+    """200 mutants of a Euclid-MER-like file, a BAND0 cube and SCI/MSK/WGT band files: each
+    decodes or raises a LensServeError, never anything else (seeded, so reproducible)."""
+    rng = np.random.default_rng(SEED)
+    seeds = [_euclid_mer(planes), _numbered_cube(planes)]
+    files = _band_files(planes, extensions=True)
+    for _ in range(100):
+        try:
+            decode_fits(_mutant(seeds[int(rng.integers(2))], rng))
+        except LensServeError:
+            pass
+        band = BANDS[int(rng.integers(3))]
+        mutated = {**files, band: BandFile(_mutant(files[band].data, rng), f"obj_{band}.fits")}
+        try:
+            decode_band_files(mutated)
+        except LensServeError:
+            pass
