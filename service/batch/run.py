@@ -6,6 +6,12 @@ decoding, models and result building on a worker that keeps its sessions.
 This module is the client side: it keeps a bounded number of tasks in flight,
 writes each finished partition, and merges them into the output table.
 
+One file per band
+    With ``group_bands`` (``--group-bands``), files named by the pattern
+    (``{stem}_{band}.fits[.gz]``, :mod:`service.fits.band_files`) are grouped
+    into objects; each object is one item of a partition and one row, keyed by
+    its folder and stem, and the files matching no pattern stay whole objects.
+
 Resuming
     The client writes each finished partition to ``<out>.parts/part-NNNNNN.parquet``
     next to a manifest of the run (inputs, partition size, samples, seed). Run

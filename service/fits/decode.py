@@ -412,7 +412,9 @@ def decode_band_files(
         for band in wanted:
             with _naming_file(band, given[band].filename):
                 hdul = stack.enter_context(_open_fits(raws[band]))
-                parts.append(_band_file_part(hdul, band, given[band].filename, target))
+                parts.append(
+                    _band_file_part(hdul, band=band, filename=given[band].filename, target=target)
+                )
         return _cut_out(_join_band_parts(parts, wanted), target)
 
 
@@ -472,7 +474,7 @@ class _BandPart:
     warnings: tuple[str, ...]
 
 
-def _band_file_part(hdul: fits.HDUList, band: str, filename: str, target: _Target) -> _BandPart:
+def _band_file_part(hdul: fits.HDUList, *, band: str, filename: str, target: _Target) -> _BandPart:
     """The science image of the one band in ``hdul``, with its mask and noise images."""
     images, descriptions = _read_images(hdul, target.limits)
     primary = _header(_hdu_at(hdul, 0), 0)
@@ -508,7 +510,7 @@ def _band_file_part(hdul: fits.HDUList, band: str, filename: str, target: _Targe
     return _BandPart(
         band=band,
         science=science[0],
-        ancillaries=_band_ancillaries(band, science[0], extras),
+        ancillaries=_band_ancillaries(band, science=science[0], extras=extras),
         source=f"{filename} {_image_name(science[0])}",
         warnings=(f"band {band}: ignored the PSF image {_join(psfs)}",) if psfs else (),
     )
@@ -855,7 +857,7 @@ def _select_band_images(
     chosen = [science[band][0] for band in wanted]
     _check_equal_sizes(list(zip(wanted, chosen, strict=True)))
     ancillaries = tuple(
-        _band_ancillaries(band, image, extras.get(band, []))
+        _band_ancillaries(band, science=image, extras=extras.get(band, []))
         for band, image in zip(wanted, chosen, strict=True)
     )
     return _Selection(
@@ -875,7 +877,7 @@ def _check_equal_sizes(chosen: list[tuple[str, _Image]]) -> None:
 
 
 def _band_ancillaries(
-    band: str, science: _Image, extras: list[_Ancillary]
+    band: str, *, science: _Image, extras: list[_Ancillary]
 ) -> tuple[_Ancillary, ...]:
     """A band's mask and noise images, at most one of each role and of the science image's size."""
     for role in sorted({extra.role for extra in extras}):
@@ -1036,11 +1038,15 @@ def _apply_ancillaries(
         plane = pixels[index]
         if "mask" in by_role:
             flags = _read_plane(by_role["mask"].image, rows, columns)
-            notes += _mask_where(plane, flags != 0, f"flagged in {by_role['mask'].name}", band)
+            notes += _mask_where(
+                plane, flags != 0, why=f"flagged in {by_role['mask'].name}", band=band
+            )
         sigma: float | None = None
         for role in NOISE_ROLES:
             if role in by_role:
-                sigma, role_notes = _noise_level(plane, by_role[role], band, rows, columns)
+                sigma, role_notes = _noise_level(
+                    plane, by_role[role], band=band, rows=rows, columns=columns
+                )
                 notes += role_notes
                 break
         noise.append(sigma)
@@ -1056,7 +1062,7 @@ def _read_plane(image: _Image, rows: slice, columns: slice) -> NDArray[np.float3
 
 
 def _mask_where(
-    plane: NDArray[np.float32], flagged: NDArray[np.bool_], why: str, band: str
+    plane: NDArray[np.float32], flagged: NDArray[np.bool_], *, why: str, band: str
 ) -> list[str]:
     """Set the ``flagged`` pixels of one band to NaN; a warning saying how many were."""
     newly = flagged & ~np.isnan(plane)
@@ -1068,6 +1074,7 @@ def _mask_where(
 def _noise_level(
     plane: NDArray[np.float32],
     extra: _Ancillary,
+    *,
     band: str,
     rows: slice,
     columns: slice,
@@ -1078,7 +1085,7 @@ def _noise_level(
     notes: list[str] = []
     if extra.role == "weight":
         # Inverse-variance weights: zero weight means no data at that pixel.
-        notes += _mask_where(plane, ~(values > 0), f"with no weight in {extra.name}", band)
+        notes += _mask_where(plane, ~(values > 0), why=f"with no weight in {extra.name}", band=band)
     usable = values[np.isfinite(values) & (values > 0)]
     if usable.size == 0:
         return None, [*notes, f"band {band}: ignored {extra.name}, which has no positive value"]
