@@ -756,7 +756,6 @@ def _select_cube_planes(cube: _Image, wanted: tuple[str, ...]) -> _Selection:
     """The planes of ``cube`` holding the wanted bands, by its BANDS or BAND0..BANDn keywords."""
     n_planes = cube.shape[0]
     named = _header_value(cube.header, "BANDS", cube.index)
-    numbered = _numbered_plane_names(cube)
     warnings_: tuple[str, ...] = ()
     if isinstance(named, str) and named.strip():
         names = [
@@ -767,7 +766,7 @@ def _select_cube_planes(cube: _Image, wanted: tuple[str, ...]) -> _Selection:
                 f"got a {n_planes}-plane cube whose BANDS keyword {named!r} names {len(names)} "
                 f"bands; the model needs {_join(wanted)}, one plane each"
             )
-    elif numbered is not None:
+    elif (numbered := _numbered_plane_names(cube)) is not None:
         first, values = numbered
         if len(values) != n_planes:
             raise BandMismatchError(
