@@ -44,6 +44,8 @@ def _finetune(args: argparse.Namespace) -> None:
         learning_rate=args.learning_rate,
         preset=args.preset,
         ema_momentum=args.ema_momentum,
+        classifier_epochs=args.classifier_epochs,
+        classifier_learning_rate=args.classifier_learning_rate,
     )
 
 
@@ -90,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     finetune = commands.add_parser(
-        "finetune", help="resume a run's regressor on more data; rebuild its MC model"
+        "finetune", help="resume a run's models on more data; rebuild its MC model"
     )
-    finetune.add_argument("--runs", required=True, help="run whose models to start from")
+    finetune.add_argument(
+        "--runs", required=True, help="run (or models/ folder) whose models to start from"
+    )
     finetune.add_argument("--data", required=True, help="training data directory")
     finetune.add_argument("--out", required=True, help="directory for the new run")
     finetune.add_argument("--epochs", type=int, default=8)
@@ -103,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="keep the moving average of the weights over the steps (e.g. 0.998)",
+    )
+    finetune.add_argument(
+        "--classifier-epochs",
+        type=int,
+        default=0,
+        help="also resume the classifier for this many epochs (0: copy it unchanged)",
+    )
+    finetune.add_argument(
+        "--classifier-learning-rate", type=float, default=3e-4, help="peak (cosine)"
     )
     finetune.set_defaults(handler=_finetune)
 
