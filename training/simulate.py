@@ -4,7 +4,7 @@ One cutout is drawn in two steps: :func:`draw_scene` samples every physical
 and observational parameter from a :class:`SimulationConfig`, and
 :func:`render_scene` turns the scene into noiseless component images and a
 noisy g, r, i cube in AB zero point 30 fluxes (the format of
-``shared/samples``). Lensing uses lenstronomy's ray shooting (SIE or EPL plus
+``examples/cutouts``). Lensing uses lenstronomy's ray shooting (SIE or EPL plus
 external shear); light uses its Sersic and Gaussian profiles.
 
 Lens visibility rule (kept lenses only), after Collett (2015): the lensed
