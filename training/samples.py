@@ -12,8 +12,9 @@ for the same seed on the same library versions:
 - ``formats/00000_*``: object 0 again in every other layout the service accepts:
   one image extension per band with ``FILTER`` (``_mef``), gzip (``_cube.fits.gz``),
   a RICE tile-compressed extension (``_rice``), BITPIX 16 with BSCALE/BZERO
-  (``_int16``), BITPIX -64 (``_f64``), a column of NaN pixels (``_nan``), and a
-  101 x 101 cutout (``_101px``) whose central 64 x 64 pixels are the clean cube.
+  (``_int16``), BITPIX -64 (``_f64``), a column of NaN pixels (``_nan``), and the
+  101 x 101 cutout (``_101px``) it was simulated as: its clean cube is the central
+  64 x 64 pixels, the crop the service makes.
 - ``truth.csv``: id, is_lens, kind, theta_E (arcsec), mass e1/e2, lens centre
   (arcsec from the cutout centre, x along columns, y along rows), RA/Dec (degrees).
 """
@@ -34,6 +35,7 @@ from numpy.typing import NDArray
 
 from training.config import (
     BANDS,
+    CUTOUT_PIXELS,
     OUTPUT_ZERO_POINT_AB,
     PIXEL_SCALE_ARCSEC,
     SAMPLES_SEED,
@@ -61,7 +63,7 @@ LENS_THETA_E_ARCSEC = (1.2, 2.6)
 LENS_MIN_ARC_SNR = 40.0
 #: The object written again in every other layout.
 FORMATS_OBJECT = 0
-#: Side of the larger cutout (pixels); the central 64 x 64 are the clean cube.
+#: Side of the larger cutout object ``FORMATS_OBJECT`` is simulated as (pixels).
 LARGE_PIXELS = 101
 #: Column set to NaN in every band of the ``_nan`` file.
 NAN_COLUMN = 10
@@ -105,31 +107,14 @@ def _to_bytes(hdus: list[fits.hdu.base._BaseHDU]) -> bytes:
     return buffer.getvalue()
 
 
-def _larger_cutout(cube: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.float32]:
-    """The cube at the centre of a 101 x 101 frame of sky with the cube's own level and noise.
-
-    Level and noise per band are the median and the MAD-based sigma of the cube's outer
-    four-pixel frame, where the sky dominates. The frame's 37 extra pixels fall 18 before
-    and 19 after the cube on each axis, as a centre crop to 64 takes them off.
-    """
-    n = cube.shape[-1]
-    before = (LARGE_PIXELS - n) // 2
-    large = np.empty((cube.shape[0], LARGE_PIXELS, LARGE_PIXELS), dtype=np.float32)
-    edge = np.ones((n, n), dtype=bool)
-    edge[4:-4, 4:-4] = False
-    for k, band in enumerate(cube):
-        sky = band[edge].astype(np.float64)
-        level = float(np.median(sky))
-        sigma = 1.4826 * float(np.median(np.abs(sky - level)))
-        large[k] = level + sigma * rng.standard_normal((LARGE_PIXELS, LARGE_PIXELS))
-    large[:, before : before + n, before : before + n] = cube
-    return large
-
-
 def _layouts(
-    cube: NDArray[np.float32], header: fits.Header, *, rng: np.random.Generator, seed: int
+    large: NDArray[np.float32], cube: NDArray[np.float32], header: fits.Header, *, seed: int
 ) -> dict[str, bytes]:
-    """Object ``FORMATS_OBJECT`` in every accepted layout but the plain cube, by file suffix."""
+    """Object ``FORMATS_OBJECT`` in every accepted layout but the plain cube, by file suffix.
+
+    ``large`` is the object as simulated, ``cube`` its central 64 x 64 pixels and
+    ``header`` the WCS, MAGZERO and OBJECT cards of ``cube``.
+    """
     cube_header = _cube_header(header)
     clean = _to_bytes([fits.PrimaryHDU(cube, cube_header)])
     layouts = {}
@@ -154,11 +139,11 @@ def _layouts(
     masked[:, :, NAN_COLUMN] = np.nan
     layouts["_nan.fits"] = _to_bytes([fits.PrimaryHDU(masked, cube_header)])
     large_header = cube_header.copy()
-    # The crop keeps pixels 19-82 (1-based): its centre, the sky position of the cube's.
-    before = (LARGE_PIXELS - cube.shape[-1]) // 2
+    # The crop's centre keeps the sky position of the cube's centre.
+    before = (large.shape[-1] - cube.shape[-1]) // 2
     large_header["CRPIX1"] = large_header["CRPIX1"] + before
     large_header["CRPIX2"] = large_header["CRPIX2"] + before
-    layouts["_101px.fits"] = _to_bytes([fits.PrimaryHDU(_larger_cutout(cube, rng), large_header)])
+    layouts["_101px.fits"] = _to_bytes([fits.PrimaryHDU(large, large_header)])
     return layouts
 
 
@@ -177,8 +162,7 @@ def write_samples(out_dir: Path, *, seed: int = SAMPLES_SEED) -> list[Path]:
         Folder to write into (created; files of the same names are replaced).
     seed
         Root of every random draw: object ``i`` uses the ``i``-th child of
-        ``numpy.random.SeedSequence(seed)``, sky positions and the larger cutout's
-        frame the last one.
+        ``numpy.random.SeedSequence(seed)``, the sky positions the last one.
 
     Returns
     -------
@@ -195,8 +179,14 @@ def write_samples(out_dir: Path, *, seed: int = SAMPLES_SEED) -> list[Path]:
     written: list[Path] = []
     rows = []
     for index, (kind, object_seed) in enumerate(zip(KINDS, object_seeds, strict=True)):
-        image, labels = simulate_cutout(
-            np.random.default_rng(object_seed), _config(kind), is_lens=kind == "lens"
+        pixels = LARGE_PIXELS if index == FORMATS_OBJECT else CUTOUT_PIXELS
+        large, labels = simulate_cutout(
+            np.random.default_rng(object_seed), _config(kind), is_lens=kind == "lens", pixels=pixels
+        )
+        # A centre crop to 64 drops (pixels - 64) // 2 pixels before, the rest after.
+        before = (pixels - CUTOUT_PIXELS) // 2
+        image = np.ascontiguousarray(
+            large[:, before : before + CUTOUT_PIXELS, before : before + CUTOUT_PIXELS]
         )
         header = _header(
             ra_deg=float(ra_deg[index]),
@@ -212,7 +202,7 @@ def write_samples(out_dir: Path, *, seed: int = SAMPLES_SEED) -> list[Path]:
         row |= {"ra": float(ra_deg[index]), "dec": float(dec_deg[index])}
         rows.append(row)
         if index == FORMATS_OBJECT:
-            for suffix, data in _layouts(image, header, rng=extra, seed=seed).items():
+            for suffix, data in _layouts(large, image, header, seed=seed).items():
                 path = formats_dir / f"{index:05d}{suffix}"
                 path.write_bytes(data)
                 written.append(path)
