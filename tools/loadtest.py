@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SAMPLE = REPO.parent / "shared" / "samples" / "clean" / "00000.fits"
+DEFAULT_SAMPLE = REPO / "examples" / "cutouts" / "clean" / "00000.fits"
 #: uvicorn closes a keep-alive connection idle for 5 s (``timeout_keep_alive``); like any
 #: HTTP client, the generator does not reuse one idle for nearly that long.
 MAX_IDLE_S = 3.0

@@ -1,4 +1,4 @@
-"""Command line for the offline pipeline: simulate, train, evaluate, export."""
+"""Command line for the offline pipeline: simulate, train, evaluate, export; the samples."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from training.config import PRESETS, SimulationConfig
+from training.config import PRESETS, SAMPLES_SEED, SimulationConfig
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -18,6 +18,14 @@ def _simulate(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     simulate_dataset(config, Path(args.out), workers=args.workers)
     print(f"simulated {args.n} cutouts into {args.out} in {time.perf_counter() - started:.0f} s")
+
+
+def _samples(args: argparse.Namespace) -> None:
+    from training.samples import write_samples
+
+    written = write_samples(Path(args.out), seed=args.seed)
+    size_kb = sum(path.stat().st_size for path in written) / 1024
+    print(f"wrote {len(written)} files ({size_kb:.0f} KiB) into {args.out}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -78,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=SimulationConfig.seed)
     simulate.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     simulate.set_defaults(handler=_simulate)
+
+    samples = commands.add_parser(
+        "samples", help="simulate the sample cutouts of examples/cutouts (FITS, truth.csv)"
+    )
+    samples.add_argument("--out", default="examples/cutouts", help="output directory")
+    samples.add_argument("--seed", type=int, default=SAMPLES_SEED)
+    samples.set_defaults(handler=_samples)
 
     train = commands.add_parser("train", help="train the three models")
     train.add_argument("--data", required=True, help="training data directory")

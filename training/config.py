@@ -15,6 +15,8 @@ PIXEL_SCALE_ARCSEC = 0.263
 CUTOUT_PIXELS = 64
 #: AB zero point of the pixel values written and expected (flux = 10**(-0.4 (m - 30))).
 OUTPUT_ZERO_POINT_AB = 30.0
+#: Seed of the repository's sample cutouts, ``examples/cutouts`` (``training/samples.py``).
+SAMPLES_SEED = 13
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ One cutout is drawn in two steps: :func:`draw_scene` samples every physical
 and observational parameter from a :class:`SimulationConfig`, and
 :func:`render_scene` turns the scene into noiseless component images and a
 noisy g, r, i cube in AB zero point 30 fluxes (the format of
-``shared/samples``). Lensing uses lenstronomy's ray shooting (SIE or EPL plus
+``examples/cutouts``). Lensing uses lenstronomy's ray shooting (SIE or EPL plus
 external shear); light uses its Sersic and Gaussian profiles.
 
 Lens visibility rule (kept lenses only), after Collett (2015): the lensed
@@ -101,17 +101,17 @@ def _sersic_total_flux(r_eff: float, n: float) -> float:
     return 2 * math.pi * n * r_eff**2 * math.exp(b_n) * gamma_function(2 * n) / b_n ** (2 * n)
 
 
-def _pixel_grid(supersampling: int) -> tuple[NDArray, NDArray]:
+def _pixel_grid(supersampling: int, pixels: int) -> tuple[NDArray, NDArray]:
     """Sub-pixel centres (arcsec) of the cutout; x grows with column, y with row."""
-    n = CUTOUT_PIXELS * supersampling
+    n = pixels * supersampling
     coords = (np.arange(n) - (n - 1) / 2) * (PIXEL_SCALE_ARCSEC / supersampling)
     x, y = np.meshgrid(coords, coords)
     return x.ravel(), y.ravel()
 
 
-def _bin_to_pixels(values: NDArray, supersampling: int) -> NDArray:
+def _bin_to_pixels(values: NDArray, supersampling: int, pixels: int) -> NDArray:
     """Mean surface brightness per pixel times pixel area: flux per pixel."""
-    n = CUTOUT_PIXELS
+    n = pixels
     grid = values.reshape(n, supersampling, n, supersampling)
     return grid.mean(axis=(1, 3)) * PIXEL_SCALE_ARCSEC**2
 
@@ -476,32 +476,37 @@ def draw_scene(rng: np.random.Generator, cfg: SimulationConfig, *, is_lens: bool
 
 
 def _band_flux_images(
-    galaxies: list[Galaxy], x: NDArray, y: NDArray, supersampling: int
+    galaxies: list[Galaxy], x: NDArray, y: NDArray, supersampling: int, pixels: int
 ) -> dict[str, NDArray]:
     """Noiseless, unconvolved flux per pixel (AB zero point 30) for each band."""
-    images = {band: np.zeros((CUTOUT_PIXELS, CUTOUT_PIXELS)) for band in BANDS}
+    images = {band: np.zeros((pixels, pixels)) for band in BANDS}
     for galaxy in galaxies:
-        unit = _bin_to_pixels(galaxy.unit_surface_brightness(x, y), supersampling)
+        unit = _bin_to_pixels(galaxy.unit_surface_brightness(x, y), supersampling, pixels)
         for band in BANDS:
             images[band] += unit * 10 ** (-0.4 * (galaxy.mags[band] - OUTPUT_ZERO_POINT_AB))
     return images
 
 
-def render_components(scene: Scene, cfg: SimulationConfig) -> dict[str, NDArray]:
-    """Noiseless, PSF-convolved (3, 64, 64) images of 'deflector', 'source' and 'contaminants'.
+def render_components(
+    scene: Scene, cfg: SimulationConfig, *, pixels: int = CUTOUT_PIXELS
+) -> dict[str, NDArray]:
+    """Noiseless, PSF-convolved (3, pixels, pixels) images of 'deflector', 'source', 'contaminants'.
 
     Fluxes are AB zero point 30. The source is ray-traced through the lens;
-    the other components are not lensed.
+    the other components are not lensed. ``pixels`` other than 64 renders the
+    same scene on a larger (or smaller) grid about the same centre.
     """
-    x, y = _pixel_grid(cfg.supersampling)
+    x, y = _pixel_grid(cfg.supersampling, pixels)
     components = {}
     for name, galaxies in (("deflector", scene.deflector), ("contaminants", scene.contaminants)):
-        components[name] = _band_flux_images(galaxies, x, y, cfg.supersampling)
+        components[name] = _band_flux_images(galaxies, x, y, cfg.supersampling, pixels)
     if scene.source:
         beta_x, beta_y = _LENS_MODELS[scene.lens_model].ray_shooting(x, y, scene.lens_kwargs)
-        components["source"] = _band_flux_images(scene.source, beta_x, beta_y, cfg.supersampling)
+        components["source"] = _band_flux_images(
+            scene.source, beta_x, beta_y, cfg.supersampling, pixels
+        )
     else:
-        components["source"] = {band: np.zeros((CUTOUT_PIXELS, CUTOUT_PIXELS)) for band in BANDS}
+        components["source"] = {band: np.zeros((pixels, pixels)) for band in BANDS}
     return {
         name: np.stack([fftconvolve(images[b], scene.psf_kernels[b], mode="same") for b in BANDS])
         for name, images in components.items()
@@ -547,17 +552,19 @@ def _resolved(scene: Scene, cfg: SimulationConfig) -> bool:
 
 
 def simulate_cutout(
-    rng: np.random.Generator, cfg: SimulationConfig, *, is_lens: bool
+    rng: np.random.Generator, cfg: SimulationConfig, *, is_lens: bool, pixels: int = CUTOUT_PIXELS
 ) -> tuple[NDArray[np.float32], dict]:
-    """One noisy (3, 64, 64) float32 cutout and its label row.
+    """One noisy (3, pixels, pixels) float32 cutout and its label row.
 
     Lenses failing the visibility rule get a new source (up to 30 times) and
-    then a new scene, so every returned lens is one a survey would see.
+    then a new scene, so every returned lens is one a survey would see. Scenes
+    are drawn for a 64-pixel cutout whatever ``pixels`` is (field galaxies fall
+    within its 64 x 64 centre).
     """
     while True:
         scene = draw_scene(rng, cfg, is_lens=is_lens)
         for _ in range(_MAX_SOURCE_REDRAWS if is_lens else 1):
-            components = render_components(scene, cfg)
+            components = render_components(scene, cfg, pixels=pixels)
             signal = components["deflector"] + components["source"] + components["contaminants"]
             sigma = _noise_sigma(scene, cfg, signal)
             if not is_lens:

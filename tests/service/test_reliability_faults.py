@@ -30,7 +30,7 @@ from service.core.runtime import OnnxModelRuntime, RawPredictions
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO.parent / "shared" / "samples"
+SAMPLES = REPO / "examples" / "cutouts"
 CLEAN = sorted((SAMPLES / "clean").glob("*.fits"))
 FITS_MEDIA = {"content-type": "application/fits"}
 WAIT_LIMIT_S = 60.0
