@@ -8,8 +8,8 @@ DATA ?= data
 RUNS ?= runs
 TRAIN_CUTOUTS ?= 44000
 TEST_CUTOUTS ?= 6000
-# Folder of FITS cutouts for `make bench`; empty: seeded noise cubes.
-BENCH_CUTOUTS ?=
+# Folder of FITS cutouts for `make bench`: the repository's samples.
+BENCH_CUTOUTS ?= examples/cutouts/clean
 
 .PHONY: serve test lint models samples bench loadtest install-serve install-test install-train clean
 

@@ -271,7 +271,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(
         models_dir=args.models_dir or DEFAULT_MODELS_DIR,
-        cutouts_dir=args.cutouts,
+        cutouts_dir=args.cutouts or _default_bench_cutouts(),
         device=args.device,
         batch_size=args.batch_size,
         num_samples=args.samples,
@@ -286,6 +286,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The repository's own sample cutouts, as seen from its root (where the README runs commands).
+SAMPLE_CUTOUTS_DIR = Path("examples/cutouts/clean")
+
+
+def _default_bench_cutouts() -> Path | None:
+    """The sample cutouts when run from a checkout; None (noise cubes) from an installed wheel."""
+    return SAMPLE_CUTOUTS_DIR if SAMPLE_CUTOUTS_DIR.is_dir() else None
+
+
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -298,7 +307,8 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         "--cutouts",
         type=Path,
         default=None,
-        help="folder of FITS cutouts (default: synthesised noise cubes)",
+        help="folder of FITS cutouts (default: examples/cutouts/clean when run from the "
+        "repository root, else synthesised noise cubes)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="cutouts per batch")

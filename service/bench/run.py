@@ -158,7 +158,7 @@ def load_cutout_bytes(config: BenchConfig) -> list[bytes]:
     return out
 
 
-#: Files in row (f)'s request without a cutouts folder: as many as the shared samples.
+#: Files in row (f)'s request without a cutouts folder: as many as the sample cutouts.
 FOLDER_REQUEST_FILES = 12
 
 
