@@ -15,6 +15,7 @@ Kinds (``SimulationConfig.artefact_kinds``):
 * ``ghost``: an out-of-focus reflection of a bright star: a faint, wide ring;
 * ``masked_columns``: 1-3 adjacent columns of NaN (bad columns, bleed masks);
 * ``nan_patch``: a NaN region, an edge strip (no coverage) or a round star mask;
+  with masked columns, at most about 24% of the cube, under the service's 25% limit;
 * ``sky_gradient``: a residual plane from imperfect sky subtraction;
 * ``correlated_noise``: noise correlated by coadd resampling (see
   :func:`correlated_noise`), applied where the noise is drawn.
@@ -118,7 +119,9 @@ def _masked_columns(rng, image) -> None:
 def _nan_patch(rng, image) -> None:
     mask = np.zeros((CUTOUT_PIXELS, CUTOUT_PIXELS), dtype=bool)
     if rng.uniform() < 0.5:
-        depth = int(rng.integers(3, 21))
+        # At most 12 of 64 rows, so that with masked columns the cutout stays
+        # under the service's 25% masked-pixel limit (service.fits_codec).
+        depth = int(rng.integers(3, 13))
         edge = int(rng.integers(4))
         view = np.rot90(mask, edge)
         view[:depth] = True
