@@ -62,12 +62,13 @@ def correlated_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> NDArra
 
 
 def _bands_hit(rng: np.random.Generator, single_probability: float) -> list[int]:
+    """One random band with ``single_probability``, otherwise all of them."""
     if rng.uniform() < single_probability:
         return [int(rng.integers(len(BANDS)))]
     return list(range(len(BANDS)))
 
 
-def _satellite_trail(rng, image, sigma, fwhm) -> None:
+def _satellite_trail(rng: np.random.Generator, image: NDArray, sigma: NDArray, fwhm: float) -> None:
     x0, y0 = rng.uniform(-6, 6, 2)
     angle = rng.uniform(0, np.pi)
     distance = np.abs((_X - x0) * np.sin(angle) - (_Y - y0) * np.cos(angle))
@@ -78,7 +79,7 @@ def _satellite_trail(rng, image, sigma, fwhm) -> None:
         image[k] += amplitude * sigma[k] * profile
 
 
-def _cosmic_rays(rng, image, sigma) -> None:
+def _cosmic_rays(rng: np.random.Generator, image: NDArray, sigma: NDArray) -> None:
     k = int(rng.integers(len(BANDS)))
     for _ in range(int(rng.integers(1, 5))):
         row, col = rng.integers(0, CUTOUT_PIXELS, 2)
@@ -90,7 +91,7 @@ def _cosmic_rays(rng, image, sigma) -> None:
                 image[k, r, c] += rng.uniform(5.0, 80.0) * sigma[k]
 
 
-def _star_halo(rng, image, sigma) -> None:
+def _star_halo(rng: np.random.Generator, image: NDArray, sigma: NDArray) -> None:
     # A star 9-25 arcsec from the centre, outside the 16.8" cutout.
     distance, angle = rng.uniform(9.0, 25.0), rng.uniform(0, 2 * np.pi)
     sx, sy = distance * np.cos(angle), distance * np.sin(angle)
@@ -101,7 +102,7 @@ def _star_halo(rng, image, sigma) -> None:
     image += (level * colour * sigma)[:, None, None] * shape
 
 
-def _ghost(rng, image, sigma) -> None:
+def _ghost(rng: np.random.Generator, image: NDArray, sigma: NDArray) -> None:
     cx, cy = rng.uniform(-8, 8, 2)
     radius, width = rng.uniform(2.0, 8.0), rng.uniform(0.4, 2.0)
     ring = np.exp(-0.5 * ((np.hypot(_X - cx, _Y - cy) - radius) / width) ** 2)
@@ -109,14 +110,14 @@ def _ghost(rng, image, sigma) -> None:
     image += (level * colour * sigma)[:, None, None] * ring
 
 
-def _masked_columns(rng, image) -> None:
+def _masked_columns(rng: np.random.Generator, image: NDArray) -> None:
     start, width = int(rng.integers(0, CUTOUT_PIXELS - 3)), int(rng.integers(1, 4))
     rows = slice(None) if rng.uniform() < 0.6 else slice(int(rng.integers(0, 32)), None)
     for k in _bands_hit(rng, 0.5):
         image[k, rows, start : start + width] = np.nan
 
 
-def _nan_patch(rng, image) -> None:
+def _nan_patch(rng: np.random.Generator, image: NDArray) -> None:
     mask = np.zeros((CUTOUT_PIXELS, CUTOUT_PIXELS), dtype=bool)
     if rng.uniform() < 0.5:
         # At most 12 of 64 rows, so that with masked columns the cutout stays
@@ -136,7 +137,7 @@ def _nan_patch(rng, image) -> None:
         image[k][mask] = np.nan
 
 
-def _sky_gradient(rng, image, sigma) -> None:
+def _sky_gradient(rng: np.random.Generator, image: NDArray, sigma: NDArray) -> None:
     angle = rng.uniform(0, 2 * np.pi)
     ramp = (_X * np.cos(angle) + _Y * np.sin(angle)) / (CUTOUT_PIXELS * PIXEL_SCALE_ARCSEC)
     for k in range(len(BANDS)):

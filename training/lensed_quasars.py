@@ -35,7 +35,7 @@ _SOLVERS = {
 
 
 def solve_images(
-    lens_model: str, lens_kwargs: list[dict], source_xy: tuple[float, float]
+    lens_model: str, lens_kwargs: list[dict], *, source_xy: tuple[float, float]
 ) -> tuple[NDArray, NDArray, NDArray]:
     """Image positions (arcsec) and signed magnifications of a point source at ``source_xy``."""
     solver, model = _SOLVERS[lens_model]
@@ -56,7 +56,7 @@ def solve_images(
 
 
 def image_point_sources(
-    quasar: PointSource, x: NDArray, y: NDArray, magnification: NDArray
+    quasar: PointSource, *, x: NDArray, y: NDArray, magnification: NDArray
 ) -> list[PointSource]:
     """The images as point sources, each with the quasar's colours and |mu| times its flux."""
     return [
@@ -70,7 +70,7 @@ def image_point_sources(
 
 
 def images_visible(
-    images: list[PointSource], observation: Observation, cfg: SimulationConfig
+    images: list[PointSource], observation: Observation, *, cfg: SimulationConfig
 ) -> tuple[bool, float]:
     """(rule passed, separation in arcsec of the pair the rule found, or 0)."""
     if len(images) < 2:

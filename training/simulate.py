@@ -362,8 +362,10 @@ def _lensed_quasar_images(scene: Scene) -> list[PointSource]:
     quasar = scene.lensed_quasar
     if quasar is None:
         return []
-    x, y, magnification = solve_images(scene.lens_model, scene.lens_kwargs, (quasar.x, quasar.y))
-    return image_point_sources(quasar, x, y, magnification)
+    x, y, magnification = solve_images(
+        scene.lens_model, scene.lens_kwargs, source_xy=(quasar.x, quasar.y)
+    )
+    return image_point_sources(quasar, x=x, y=y, magnification=magnification)
 
 
 def _render_unlensed(scene: Scene, cfg: SimulationConfig) -> dict[str, NDArray]:
@@ -455,7 +457,7 @@ def _check_lens(
     """Apply the visibility rule of the scene's kind and record its numbers in the labels."""
     snr = arc_snr(source, sigma)
     if scene.kind == "lensed_quasar":
-        visible, separation = images_visible(images, scene.observation, cfg)
+        visible, separation = images_visible(images, scene.observation, cfg=cfg)
         unlensed = _flux(scene.lensed_quasar.mags["r"])
         magnification = float(sum(_flux(im.mags["r"]) for im in images) / unlensed)
         scene.labels.update(

@@ -156,7 +156,7 @@ def test_lensed_quasars_have_resolved_images_that_map_to_the_source():
         assert 0.45 <= labels["theta_E"] <= 3.2 and np.isfinite(image).all()
     from training.lensed_quasars import solve_images
 
-    x, y, mu = solve_images(scene.lens_model, scene.lens_kwargs, (0.05, -0.03))
+    x, y, mu = solve_images(scene.lens_model, scene.lens_kwargs, source_xy=(0.05, -0.03))
     beta_x, beta_y = LensModel([scene.lens_model, "SHEAR"]).ray_shooting(x, y, scene.lens_kwargs)
     # Every image is a solution of the lens equation to well under a milliarcsecond.
     np.testing.assert_allclose(beta_x, 0.05, atol=1e-4)
