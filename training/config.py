@@ -104,6 +104,9 @@ class SimulationConfig:
     """Unlensed r magnitude of the lensed quasar (uniform)."""
     lensed_quasar_source_max_frac: float = 0.6
     """Quasar offset from the lens centre (fraction of theta_E, uniform in area)."""
+    lensed_quasar_inner_fraction: float = 0.3
+    """Fraction of lensed quasars placed within 0.15 theta_E (inside the caustic: quads),
+    standing in for the magnification bias that makes quads common in real samples."""
     min_image_separation_fwhm: float = 0.8
     """Lensed quasars: two images at least this many r-band FWHM apart."""
     min_image_snr: float = 5.0

@@ -192,8 +192,14 @@ def _draw_lensed_quasar(
     center: tuple[float, float],
     labels: dict,
 ) -> tuple[PointSource, list[Galaxy]]:
-    """A quasar behind the lens (uniform in area) and its star-forming host galaxy."""
-    radius = theta_e * cfg.lensed_quasar_source_max_frac * np.sqrt(rng.uniform())
+    """A quasar behind the lens (uniform in area) and its star-forming host galaxy.
+
+    A fraction ``lensed_quasar_inner_fraction`` is drawn close to the centre,
+    where the caustic makes quads.
+    """
+    inner = rng.uniform() < cfg.lensed_quasar_inner_fraction
+    max_frac = 0.15 if inner else cfg.lensed_quasar_source_max_frac
+    radius = theta_e * max_frac * np.sqrt(rng.uniform())
     angle = rng.uniform(0, 2 * np.pi)
     position = (center[0] + radius * np.cos(angle), center[1] + radius * np.sin(angle))
     quasar, _, quasar_labels = draw_quasar(
