@@ -15,6 +15,12 @@ def _simulate(args: argparse.Namespace) -> None:
     from training.dataset import simulate_dataset
 
     config = replace(SimulationConfig(), seed=args.seed, n_cutouts=args.n)
+    if args.negative_kinds:
+        known = [kind for kind, _ in config.negative_kinds]
+        config = replace(config, negative_kinds=parse_kind_weights(args.negative_kinds, known))
+    if args.lens_kinds:
+        known = [kind for kind, _ in config.lens_kinds]
+        config = replace(config, lens_kinds=parse_kind_weights(args.lens_kinds, known))
     started = time.perf_counter()
     simulate_dataset(config, Path(args.out), workers=args.workers)
     print(f"simulated {args.n} cutouts into {args.out} in {time.perf_counter() - started:.0f} s")
@@ -26,6 +32,20 @@ def _samples(args: argparse.Namespace) -> None:
     written = write_samples(Path(args.out), seed=args.seed)
     size_kb = sum(path.stat().st_size for path in written) / 1024
     print(f"wrote {len(written)} files ({size_kb:.0f} KiB) into {args.out}")
+
+
+def parse_kind_weights(text: str, known: list[str]) -> tuple[tuple[str, float], ...]:
+    """``'star=0.2,quasar=0.1'`` -> ``(("star", 0.2), ("quasar", 0.1))`` (relative weights)."""
+    pairs = []
+    for item in text.split(","):
+        kind, sep, weight = item.partition("=")
+        kind = kind.strip()
+        if not sep or kind not in known:
+            raise SystemExit(
+                f"expected kind=weight with a kind among {', '.join(known)}; got {item!r}"
+            )
+        pairs.append((kind, float(weight)))
+    return tuple(pairs)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -85,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--n", type=int, default=1000, help="number of cutouts")
     simulate.add_argument("--seed", type=int, default=SimulationConfig.seed)
     simulate.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    simulate.add_argument(
+        "--negative-kinds",
+        default=None,
+        help="kind=weight,... replacing SimulationConfig.negative_kinds (e.g. a test set "
+        "with more stars); default: the training mix",
+    )
+    simulate.add_argument(
+        "--lens-kinds", default=None, help="kind=weight,... replacing SimulationConfig.lens_kinds"
+    )
     simulate.set_defaults(handler=_simulate)
 
     samples = commands.add_parser(

@@ -238,3 +238,38 @@ def test_new_kinds_are_reproducible_from_the_seed(kind, is_lens):
             assert value == b[1][key]
         else:
             np.testing.assert_array_equal(value, b[1][key], err_msg=key)
+
+
+def test_simulate_command_takes_a_kind_mix(tmp_path):
+    """--negative-kinds replaces the negatives' mix (recorded in simulation.json); an unknown
+    kind stops the command with a message naming the known ones."""
+    import json
+
+    from training.cli import main
+
+    out = tmp_path / "stars"
+    mix = "star=1"
+    assert (
+        main(
+            [
+                "simulate",
+                "--out",
+                str(out),
+                "--n",
+                "4",
+                "--seed",
+                "5",
+                "--workers",
+                "1",
+                "--negative-kinds",
+                mix,
+            ]
+        )
+        == 0
+    )
+    config = json.loads((out / "simulation.json").read_text())
+    assert config["negative_kinds"] == [["star", 1.0]]
+    labels = (out / "labels.csv").read_text()
+    assert labels.count(",star,") == 2
+    with pytest.raises(SystemExit, match="quasar"):
+        main(["simulate", "--out", str(tmp_path / "x"), "--n", "2", "--negative-kinds", "stars=1"])
