@@ -136,7 +136,7 @@ def _nan_patch(rng: np.random.Generator, image: NDArray) -> None:
     mask = np.zeros((n, n), dtype=bool)
     if rng.uniform() < 0.5:
         # At most 12 of 64 rows, so that with masked columns the cutout stays
-        # under the service's 25% masked-pixel limit (service.fits_codec).
+        # under the service's 25% masked-pixel limit (service/fits/raw.py).
         depth = int(rng.integers(3, 13)) * n // CUTOUT_PIXELS
         edge = int(rng.integers(4))
         view = np.rot90(mask, edge)

@@ -173,7 +173,7 @@ def test_masks_are_nan_and_preprocessing_fills_them(artefact):
     masked = np.isnan(image)
     assert labels["artefacts"] == artefact
     assert masked.any() and not masked.all()
-    assert masked.mean() <= 0.25  # the service refuses cutouts with more (service/fits_codec.py)
+    assert masked.mean() <= 0.25  # the service refuses cutouts with more (service/fits/raw.py)
     np.testing.assert_allclose(labels["masked_fraction"], masked.mean(), rtol=1e-12)
     assert np.isfinite(image[~masked]).all()
     assert np.isfinite(preprocess_cutout(image)).all()
