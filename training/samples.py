@@ -7,8 +7,10 @@ for the same seed on the same library versions:
   g, r, i as the ``BANDS`` keyword says, linear fluxes with AB zero point ``MAGZERO``
   = 30, a TAN WCS whose reference point is the cutout centre, 0.263 arcsec a pixel.
   Six are lenses that pass a stricter visibility rule than the training sets (arc
-  SNR of at least 40, theta_E of 1.2-2.6 arcsec), six are non-lenses, one of each
-  kind the simulator draws (:data:`KINDS`).
+  SNR of at least 40, theta_E of 1.2-2.6 arcsec), six are non-lenses of six of the
+  kinds the simulator draws (:data:`KINDS`), one a star. None has artefacts
+  (the training sets' satellite trails, masks and the like), so no clean cube
+  has a NaN pixel.
 - ``formats/00000_*``: object 0 again in every other layout the service accepts:
   one image extension per band with ``FILTER`` (``_mef``), gzip (``_cube.fits.gz``),
   a RICE tile-compressed extension (``_rice``), BITPIX 16 with BSCALE/BZERO
@@ -43,7 +45,7 @@ from training.config import (
 )
 from training.simulate import simulate_cutout
 
-#: Kind of each sample object, by id: six lenses, and one non-lens of each kind.
+#: Kind of each sample object, by id: six galaxy-galaxy lenses and six kinds of non-lens.
 KINDS: tuple[str, ...] = (
     "lens",
     "lens",
@@ -55,12 +57,14 @@ KINDS: tuple[str, ...] = (
     "plain",
     "spiral",
     "lens",
-    "merger",
+    "star",
     "lens",
 )
 #: Lenses a person sees at a glance: bright arcs well outside the seeing disc.
 LENS_THETA_E_ARCSEC = (1.2, 2.6)
 LENS_MIN_ARC_SNR = 40.0
+#: A star a person tells from a galaxy at once: centred, bright, not saturated (r mag).
+STAR_MAG_R = (17.0, 19.0)
 #: The object written again in every other layout.
 FORMATS_OBJECT = 0
 #: Side of the larger cutout object ``FORMATS_OBJECT`` is simulated as (pixels).
@@ -73,11 +77,13 @@ TRUTH_COLUMNS = ("id", "is_lens", "kind", "theta_E", "e1", "e2", "center_x", "ce
 
 
 def _config(kind: str) -> SimulationConfig:
-    """The training simulator's config, narrowed to one kind of object."""
-    base = SimulationConfig()
+    """The training simulator's config without artefacts, stricter for lenses and stars."""
+    base = replace(SimulationConfig(), artefact_probability=0.0)
     if kind == "lens":
         return replace(base, theta_E_arcsec=LENS_THETA_E_ARCSEC, min_arc_snr=LENS_MIN_ARC_SNR)
-    return replace(base, negative_kinds=((kind, 1.0),))
+    if kind == "star":
+        return replace(base, star_mag_r=STAR_MAG_R, star_offset_fraction=0.0)
+    return base
 
 
 def _header(*, ra_deg: float, dec_deg: float, crpix: float, object_id: int) -> fits.Header:
@@ -181,7 +187,11 @@ def write_samples(out_dir: Path, *, seed: int = SAMPLES_SEED) -> list[Path]:
     for index, (kind, object_seed) in enumerate(zip(KINDS, object_seeds, strict=True)):
         pixels = LARGE_PIXELS if index == FORMATS_OBJECT else CUTOUT_PIXELS
         large, labels = simulate_cutout(
-            np.random.default_rng(object_seed), _config(kind), is_lens=kind == "lens", pixels=pixels
+            np.random.default_rng(object_seed),
+            _config(kind),
+            is_lens=kind == "lens",
+            kind=kind,
+            pixels=pixels,
         )
         # A centre crop to 64 drops (pixels - 64) // 2 pixels before, the rest after.
         before = (pixels - CUTOUT_PIXELS) // 2

@@ -4,7 +4,7 @@ One cutout is drawn in two steps: :func:`draw_scene` samples every physical
 and observational parameter from a :class:`SimulationConfig`, and
 :func:`render_components` turns the scene into noiseless component images;
 :func:`simulate_cutout` adds noise and artefacts and returns a g, r, i cube in
-AB zero point 30 fluxes (the format of ``shared/samples``). Lensing uses
+AB zero point 30 fluxes (the format of ``examples/cutouts``). Lensing uses
 lenstronomy's ray shooting (SIE or EPL plus external shear); light uses its
 Sersic and Gaussian profiles. The populations live in their own modules:
 observing conditions (:mod:`training.observing`), negatives
@@ -63,8 +63,6 @@ __all__ = [
 
 _LENS_MODELS = {"SIE": LensModel(["SIE", "SHEAR"]), "EPL": LensModel(["EPL", "SHEAR"])}
 _MAX_SOURCE_REDRAWS = 30
-_PIXEL_COORDS = (np.arange(CUTOUT_PIXELS) - (CUTOUT_PIXELS - 1) / 2) * PIXEL_SCALE_ARCSEC
-_PIXEL_X, _PIXEL_Y = np.meshgrid(_PIXEL_COORDS, _PIXEL_COORDS)
 
 
 @dataclass
@@ -89,21 +87,6 @@ class Scene:
     @property
     def psf_fwhm_arcsec(self) -> dict[str, float]:
         return self.observation.psf_fwhm_arcsec
-
-
-def _pixel_grid(supersampling: int) -> tuple[NDArray, NDArray]:
-    """Sub-pixel centres (arcsec) of the cutout; x grows with column, y with row."""
-    n = CUTOUT_PIXELS * supersampling
-    coords = (np.arange(n) - (n - 1) / 2) * (PIXEL_SCALE_ARCSEC / supersampling)
-    x, y = np.meshgrid(coords, coords)
-    return x.ravel(), y.ravel()
-
-
-def _bin_to_pixels(values: NDArray, supersampling: int) -> NDArray:
-    """Mean surface brightness per pixel times pixel area: flux per pixel."""
-    n = CUTOUT_PIXELS
-    grid = values.reshape(n, supersampling, n, supersampling)
-    return grid.mean(axis=(1, 3)) * PIXEL_SCALE_ARCSEC**2
 
 
 def _draw_deflector(
@@ -273,18 +256,17 @@ def draw_scene(
     )
 
 
-def _pixel_grid(supersampling: int) -> tuple[NDArray, NDArray]:
-    """Sub-pixel centres (arcsec) of the cutout; x grows with column, y with row."""
-    n = CUTOUT_PIXELS * supersampling
+def _pixel_grid(supersampling: int, pixels: int) -> tuple[NDArray, NDArray]:
+    """Sub-pixel centres (arcsec) of a ``pixels``-wide cutout; x grows with column, y with row."""
+    n = pixels * supersampling
     coords = (np.arange(n) - (n - 1) / 2) * (PIXEL_SCALE_ARCSEC / supersampling)
     x, y = np.meshgrid(coords, coords)
     return x.ravel(), y.ravel()
 
 
-def _bin_to_pixels(values: NDArray, supersampling: int) -> NDArray:
+def _bin_to_pixels(values: NDArray, supersampling: int, pixels: int) -> NDArray:
     """Mean surface brightness per pixel times pixel area: flux per pixel."""
-    n = CUTOUT_PIXELS
-    grid = values.reshape(n, supersampling, n, supersampling)
+    grid = values.reshape(pixels, supersampling, pixels, supersampling)
     return grid.mean(axis=(1, 3)) * PIXEL_SCALE_ARCSEC**2
 
 
@@ -293,14 +275,14 @@ def _flux(mag: float) -> float:
 
 
 def _convolved_galaxies(
-    galaxies: list[Galaxy], x: NDArray, y: NDArray, scene: Scene, supersampling: int
+    galaxies: list[Galaxy], x: NDArray, y: NDArray, scene: Scene, supersampling: int, pixels: int
 ) -> NDArray:
-    """PSF-convolved (3, 64, 64) flux of ``galaxies`` evaluated at (x, y) (ray-traced or not)."""
-    images = np.zeros((len(BANDS), CUTOUT_PIXELS, CUTOUT_PIXELS))
+    """PSF-convolved (3, pixels, pixels) flux of ``galaxies`` at (x, y) (ray-traced or not)."""
+    images = np.zeros((len(BANDS), pixels, pixels))
     if not galaxies:
         return images
     for galaxy in galaxies:
-        unit = _bin_to_pixels(galaxy.unit_surface_brightness(x, y), supersampling)
+        unit = _bin_to_pixels(galaxy.unit_surface_brightness(x, y), supersampling, pixels)
         for k, band in enumerate(BANDS):
             images[k] += unit * _flux(galaxy.mags[band])
     return np.stack(
@@ -308,18 +290,28 @@ def _convolved_galaxies(
     )
 
 
-def _point_source_images(points: list[PointSource], scene: Scene) -> NDArray:
-    """(3, 64, 64) flux of point sources: a sub-pixel-centred PSF core plus wings and halo."""
-    images = np.zeros((len(BANDS), CUTOUT_PIXELS, CUTOUT_PIXELS))
+def _pixel_centres(pixels: int) -> tuple[NDArray, NDArray]:
+    """Pixel centres (arcsec) of a ``pixels``-wide cutout as two (pixels, pixels) arrays."""
+    coords = (np.arange(pixels) - (pixels - 1) / 2) * PIXEL_SCALE_ARCSEC
+    x, y = np.meshgrid(coords, coords)
+    return x, y
+
+
+def _point_source_images(points: list[PointSource], scene: Scene, pixels: int) -> NDArray:
+    """(3, pixels, pixels) flux of point sources: a sub-pixel-centred PSF core, wings and halo."""
+    images = np.zeros((len(BANDS), pixels, pixels))
+    if not points:
+        return images
     obs = scene.observation
     half = scene.psf_kernels[BANDS[0]].shape[0] // 2
+    pixel_x, pixel_y = _pixel_centres(pixels)
     for point in points:
-        col = point.x / PIXEL_SCALE_ARCSEC + (CUTOUT_PIXELS - 1) / 2
-        row = point.y / PIXEL_SCALE_ARCSEC + (CUTOUT_PIXELS - 1) / 2
+        col = point.x / PIXEL_SCALE_ARCSEC + (pixels - 1) / 2
+        row = point.y / PIXEL_SCALE_ARCSEC + (pixels - 1) / 2
         ic, ir = int(round(col)), int(round(row))
         offset = ((col - ic) * PIXEL_SCALE_ARCSEC, (row - ir) * PIXEL_SCALE_ARCSEC)
-        r0, r1 = max(ir - half, 0), min(ir + half + 1, CUTOUT_PIXELS)
-        c0, c1 = max(ic - half, 0), min(ic + half + 1, CUTOUT_PIXELS)
+        r0, r1 = max(ir - half, 0), min(ir + half + 1, pixels)
+        c0, c1 = max(ic - half, 0), min(ic + half + 1, pixels)
         core_fraction = 1.0 - point.wing_fraction - point.halo_fraction
         for k, band in enumerate(BANDS):
             flux = _flux(point.mags[band])
@@ -338,7 +330,7 @@ def _point_source_images(points: list[PointSource], scene: Scene) -> NDArray:
                     * kernel[r0 - ir + half : r1 - ir + half, c0 - ic + half : c1 - ic + half]
                 )
             if point.wing_fraction:
-                dx, dy = _PIXEL_X - point.x, _PIXEL_Y - point.y
+                dx, dy = pixel_x - point.x, pixel_y - point.y
                 images[k] += (
                     point.wing_fraction
                     * flux
@@ -374,18 +366,19 @@ def _lensed_quasar_images(scene: Scene) -> list[PointSource]:
     return image_point_sources(quasar, x=x, y=y, magnification=magnification)
 
 
-def _render_unlensed(scene: Scene, cfg: SimulationConfig) -> dict[str, NDArray]:
-    x, y = _pixel_grid(cfg.supersampling)
+def _render_unlensed(scene: Scene, cfg: SimulationConfig, pixels: int) -> dict[str, NDArray]:
+    x, y = _pixel_grid(cfg.supersampling, pixels)
+    ss = cfg.supersampling
     return {
-        "deflector": _convolved_galaxies(scene.deflector, x, y, scene, cfg.supersampling),
-        "contaminants": _convolved_galaxies(scene.contaminants, x, y, scene, cfg.supersampling)
-        + _point_source_images(scene.point_sources, scene),
+        "deflector": _convolved_galaxies(scene.deflector, x, y, scene, ss, pixels),
+        "contaminants": _convolved_galaxies(scene.contaminants, x, y, scene, ss, pixels)
+        + _point_source_images(scene.point_sources, scene, pixels),
     }
 
 
-def _ray_traced_grid(scene: Scene, cfg: SimulationConfig) -> tuple[NDArray, NDArray]:
+def _ray_traced_grid(scene: Scene, cfg: SimulationConfig, pixels: int) -> tuple[NDArray, NDArray]:
     """Source-plane positions of the sub-pixel grid (depends on the mass only)."""
-    x, y = _pixel_grid(cfg.supersampling)
+    x, y = _pixel_grid(cfg.supersampling, pixels)
     return _LENS_MODELS[scene.lens_model].ray_shooting(x, y, scene.lens_kwargs)
 
 
@@ -394,24 +387,29 @@ def _render_source(
     cfg: SimulationConfig,
     quasar_images: list[PointSource],
     source_grid: tuple[NDArray, NDArray],
+    pixels: int,
 ) -> NDArray:
     if not scene.source and not quasar_images:
-        return np.zeros((len(BANDS), CUTOUT_PIXELS, CUTOUT_PIXELS))
+        return np.zeros((len(BANDS), pixels, pixels))
     return _convolved_galaxies(
-        scene.source, *source_grid, scene, cfg.supersampling
-    ) + _point_source_images(quasar_images, scene)
+        scene.source, *source_grid, scene, cfg.supersampling, pixels
+    ) + _point_source_images(quasar_images, scene, pixels)
 
 
-def render_components(scene: Scene, cfg: SimulationConfig) -> dict[str, NDArray]:
-    """Noiseless, PSF-convolved (3, 64, 64) images of 'deflector', 'source' and 'contaminants'.
+def render_components(
+    scene: Scene, cfg: SimulationConfig, *, pixels: int = CUTOUT_PIXELS
+) -> dict[str, NDArray]:
+    """Noiseless, PSF-convolved (3, pixels, pixels) images of 'deflector', 'source', 'contaminants'.
 
     Fluxes are AB zero point 30. The source (galaxy and, for lensed quasars,
     the quasar's images) is ray-traced through the lens; stars, quasars and
-    other galaxies are in 'contaminants' and are not lensed.
+    other galaxies are in 'contaminants' and are not lensed. ``pixels`` other
+    than 64 renders the same scene on a larger (or smaller) grid about the
+    same centre.
     """
-    components = _render_unlensed(scene, cfg)
+    components = _render_unlensed(scene, cfg, pixels)
     components["source"] = _render_source(
-        scene, cfg, _lensed_quasar_images(scene), _ray_traced_grid(scene, cfg)
+        scene, cfg, _lensed_quasar_images(scene), _ray_traced_grid(scene, cfg, pixels), pixels
     )
     return components
 
@@ -493,23 +491,33 @@ def _redraw_source(rng: np.random.Generator, cfg: SimulationConfig, scene: Scene
 
 
 def simulate_cutout(
-    rng: np.random.Generator, cfg: SimulationConfig, *, is_lens: bool, kind: str | None = None
+    rng: np.random.Generator,
+    cfg: SimulationConfig,
+    *,
+    is_lens: bool,
+    kind: str | None = None,
+    pixels: int = CUTOUT_PIXELS,
 ) -> tuple[NDArray[np.float32], dict]:
-    """One noisy (3, 64, 64) float32 cutout and its label row.
+    """One noisy (3, pixels, pixels) float32 cutout and its label row.
 
     Lenses failing their visibility rule get a new source (up to 30 times) and
     then a new scene, so every returned lens is one a survey would see.
     Artefacts come last; masked pixels are NaN. ``kind`` forces a kind (see
-    :func:`draw_scene`).
+    :func:`draw_scene`). Scenes are drawn for a 64-pixel cutout whatever
+    ``pixels`` is (field galaxies fall within its 64 x 64 centre); a larger
+    ``pixels`` renders the scene about the same centre, the visibility rule is
+    applied to the whole grid and artefacts scale with it.
     """
     while True:
         scene = draw_scene(rng, cfg, is_lens=is_lens, kind=kind)
-        unlensed = _render_unlensed(scene, cfg)
+        unlensed = _render_unlensed(scene, cfg, pixels)
         # The mass stays while sources are redrawn: ray-trace the grid once.
-        source_grid = _ray_traced_grid(scene, cfg) if is_lens else (np.zeros(0), np.zeros(0))
+        source_grid = (
+            _ray_traced_grid(scene, cfg, pixels) if is_lens else (np.zeros(0), np.zeros(0))
+        )
         for _ in range(_MAX_SOURCE_REDRAWS if is_lens else 1):
             images = _lensed_quasar_images(scene)
-            source = _render_source(scene, cfg, images, source_grid)
+            source = _render_source(scene, cfg, images, source_grid, pixels)
             signal = unlensed["deflector"] + unlensed["contaminants"] + source
             sigma = noise_sigma(scene.observation, signal)
             if not is_lens or _check_lens(scene, cfg, source, sigma, images):

@@ -50,6 +50,7 @@ LOSSY_SUFFIXES = ("_int16.fits", "_rice.fits", "_nan.fits")
 SEED = 20240611
 FITS_MEDIA = {"content-type": "application/fits"}
 
+
 @pytest.fixture(scope="module")
 def server(launch_server) -> str:
     """A real ``python -m service serve`` process with a small body limit; its base URL."""

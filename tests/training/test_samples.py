@@ -40,9 +40,13 @@ def test_the_truth_table_describes_the_clean_cubes():
     # Six lenses with theta_E in the range training/samples.py draws from (arcsec).
     assert len(lenses) == 6 and all(1.2 <= float(row["theta_E"]) <= 2.6 for row in lenses)
     kinds = {row["kind"] for row in rows if row["is_lens"] == "0"}
-    assert kinds == {"plain", "companions", "tangential", "ring", "spiral", "merger"}
+    assert kinds == {"plain", "companions", "tangential", "ring", "spiral", "star"}
+    assert {row["kind"] for row in lenses} == {"lens"}
     for row in rows:
-        header = fits.getheader(SAMPLES / "clean" / f"{int(row['id']):05d}.fits")
+        path = SAMPLES / "clean" / f"{int(row['id']):05d}.fits"
+        # No artefacts in the samples: every pixel of every clean cube is finite.
+        assert np.isfinite(fits.getdata(path)).all()
+        header = fits.getheader(path)
         assert header["BANDS"] == "g,r,i" and header["MAGZERO"] == 30.0
         # The WCS reference point is the cutout centre: (64 + 1) / 2 in 1-based pixels.
         assert header["CRPIX1"] == header["CRPIX2"] == 32.5

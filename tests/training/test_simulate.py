@@ -166,14 +166,14 @@ def test_lensed_quasars_have_resolved_images_that_map_to_the_source():
 
 @pytest.mark.parametrize("artefact", ["masked_columns", "nan_patch"])
 def test_masks_are_nan_and_preprocessing_fills_them(artefact):
-    from service.preprocessing import preprocess_cutout
+    from service.contract.preprocessing import preprocess_cutout
 
     config = replace(CONFIG, artefact_probability=1.0, artefact_kinds=((artefact, 1.0),))
     image, labels = simulate_cutout(np.random.default_rng(2), config, is_lens=False, kind="plain")
     masked = np.isnan(image)
     assert labels["artefacts"] == artefact
     assert masked.any() and not masked.all()
-    assert masked.mean() <= 0.25  # the service refuses cutouts with more (service/fits_codec.py)
+    assert masked.mean() <= 0.25  # the service refuses cutouts with more (service/fits/raw.py)
     np.testing.assert_allclose(labels["masked_fraction"], masked.mean(), rtol=1e-12)
     assert np.isfinite(image[~masked]).all()
     assert np.isfinite(preprocess_cutout(image)).all()
@@ -273,3 +273,39 @@ def test_simulate_command_takes_a_kind_mix(tmp_path):
     assert labels.count(",star,") == 2
     with pytest.raises(SystemExit, match="quasar"):
         main(["simulate", "--out", str(tmp_path / "x"), "--n", "2", "--negative-kinds", "stars=1"])
+
+
+@pytest.mark.parametrize(
+    ("kind", "is_lens", "seed"),
+    [("lens", True, 5), ("lensed_quasar", True, 6), ("star_galaxy_blend", False, 7)],
+)
+def test_a_larger_grid_renders_the_same_scene_about_the_same_centre(kind, is_lens, seed):
+    config = replace(NO_ARTEFACTS, star_offset_fraction=0.0)
+    scene = draw_scene(np.random.default_rng(seed), config, is_lens=is_lens, kind=kind)
+    small = render_components(scene, config)
+    large = render_components(scene, config, pixels=100)
+    # Only light the PSF spreads in from beyond the 64-pixel edge may differ.
+    m = scene.psf_kernels["r"].shape[0] // 2
+    for name, image in small.items():
+        assert image.shape == (3, 64, 64) and large[name].shape == (3, 100, 100)
+        # Both sides even: the central 64 x 64 of the 100-pixel grid are the same pixels.
+        crop = large[name][:, 18:82, 18:82]
+        peak = max(np.abs(image).max(), 1e-30)
+        np.testing.assert_allclose(
+            crop[:, m:-m, m:-m], image[:, m:-m, m:-m], rtol=0, atol=1e-9 * peak
+        )
+        np.testing.assert_allclose(crop, image, rtol=0, atol=0.02 * peak)
+    assert small["source"][1].sum() > 0 if is_lens else small["source"].max() == 0
+
+
+def test_a_larger_cutout_has_its_artefacts_scaled_to_the_grid():
+    config = replace(CONFIG, artefact_probability=1.0, extra_artefact_mean=3.0)
+    for seed in range(3):
+        image, labels = simulate_cutout(
+            np.random.default_rng(seed), config, is_lens=seed == 0, pixels=101
+        )
+        masked = np.isnan(image)
+        assert image.shape == (3, 101, 101) and image.dtype == np.float32
+        assert labels["artefacts"] != "none" and masked.mean() <= 0.25
+        np.testing.assert_allclose(labels["masked_fraction"], masked.mean(), rtol=1e-12)
+        assert np.isfinite(image[~masked]).all()
