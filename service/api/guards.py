@@ -22,26 +22,29 @@ running batch) times the measured service time per cutout (the batcher's
 size-weighted moving average of run time per cutout, divided by the model
 instances: :attr:`service.core.inference.InferenceEngine.seconds_per_cutout`).
 Otherwise it is refused with 503 ``overloaded`` and a ``Retry-After`` of that
-wait, rounded up, at least 1 s. Before the first batch has been measured the
-wait counts as 0, and an empty server always admits, however large the request.
+wait, rounded up, at least 1 s (at most :data:`MAX_RETRY_AFTER_S`). Before the
+first batch has been measured the wait counts as 0, and an empty server always
+admits, however large the request.
 
 A request's cutouts are unknown before its body is read, and the decision is
-taken before, so that a refusal costs no body. The body's ``Content-Length``
-gives an estimate: one cutout per :data:`TYPICAL_CUTOUT_BYTES` (a FITS file of a
-g, r, i 64x64 float32 cube with a one-block header: 54,720 bytes), at least 1; a
-body without a length counts as 1. Once the route has read
-the body it corrects the count to the files it holds
-(:meth:`AdmissionTicket.correct`, through the ticket the middleware leaves in
-the scope under :data:`ADMISSION_TICKET_KEY`), so compressed or integer files,
-smaller than the estimate, and chunked bodies are counted right from then on.
+taken before, so that a refusal costs no body. (Checking again when the work
+reaches the batcher would refuse requests already read and decoded: the
+costliest refusal there is.) The body's ``Content-Length`` gives an estimate:
+one cutout per :data:`TYPICAL_CUTOUT_BYTES` (a FITS file of a g, r, i 64x64
+float32 cube with a one-block header: 54,720 bytes), at least 1; a body
+without a length counts as 1. Once the route has read the body it corrects the
+count to the files it holds (:meth:`AdmissionTicket.correct`, through the
+ticket the middleware leaves in the scope under :data:`ADMISSION_TICKET_KEY`),
+so compressed or integer files, smaller than the estimate, and chunked bodies
+are counted right from then on.
 A request is counted until its answer has been sent. The bytes of its body are
 counted too, by ``Content-Length`` or, without one, as ``max_body_bytes``:
 ``max_body_bytes_in_flight`` bounds the memory bodies take, and
 ``max_requests`` the connections held; they are memory guards, not the
 throughput limiter.
 
-Refusals are cheap, so that goodput holds under any number of clients: taken
-before the body is read, answered with a response rendered once per reason
+Refusals are cheap, so that goodput holds as clients multiply: taken before
+the body is read, answered with a response rendered once per reason
 and ``Retry-After`` value and then replayed byte for byte, counted with plain
 integers and the ``on_refusal`` hook, and logged as one summary line at most
 every :data:`REFUSAL_LOG_INTERVAL_S`; :class:`RefusalAccessLogFilter` keeps
@@ -181,6 +184,10 @@ TYPICAL_CUTOUT_BYTES: Final = 2880 + math.ceil(3 * 64 * 64 * 4 / 2880) * 2880
 
 #: Shortest time between two log lines that sum up admission refusals (seconds).
 REFUSAL_LOG_INTERVAL_S: Final = 10.0
+
+#: Longest ``Retry-After`` a queue-wait refusal gives (seconds); it also bounds the
+#: answers rendered, one per value.
+MAX_RETRY_AFTER_S: Final = 3600
 
 #: Key of an admitted request's :class:`AdmissionTicket` in its ASGI scope.
 ADMISSION_TICKET_KEY: Final = "lensserve.admission_ticket"
@@ -334,7 +341,8 @@ class Admission:
             return self._refuse(self._bytes_refusal)
         wait_s = self.expected_wait_s()
         if wait_s >= self.max_queue_wait_s:
-            return self._refuse(self._wait_refusal(max(math.ceil(wait_s), 1)))
+            retry_after_s = min(max(math.ceil(wait_s), 1), MAX_RETRY_AFTER_S)
+            return self._refuse(self._wait_refusal(retry_after_s))
         self.active += 1
         self.cutouts += cutouts
         self.body_bytes += body_bytes
@@ -343,7 +351,7 @@ class Admission:
     def _wait_refusal(self, retry_after_s: int) -> Refusal:
         refusal = self._wait_refusals.get(retry_after_s)
         if refusal is None:
-            # Few values ever occur: the wait stays near the deadline.
+            # Few values occur: the wait stays near the deadline (at most MAX_RETRY_AFTER_S).
             refusal = Refusal(QUEUE_WAIT, retry_after_s, self._wait_error)
             self._wait_refusals[retry_after_s] = refusal
         return refusal
