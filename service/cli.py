@@ -280,6 +280,7 @@ def _bench(args: argparse.Namespace) -> int:
         warmup_s=args.warmup_s,
         rounds=args.rounds,
         keras_cutouts=args.keras_cutouts,
+        flood_connections=args.flood_connections,
     )
     report = run_bench(config, progress=lambda step: print(f"bench: {step}", file=sys.stderr))
     print(format_report(report))
@@ -338,6 +339,12 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=20,
         help="cutouts for the Keras row (e); 0 skips it (default: 20)",
+    )
+    parser.add_argument(
+        "--flood-connections",
+        type=int,
+        default=256,
+        help="clients of row (g), which never back off; 0 skips it (default: 256)",
     )
     parser.set_defaults(handler=_bench)
 
