@@ -305,7 +305,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(
         models_dir=args.models_dir or DEFAULT_MODELS_DIR,
-        cutouts_dir=args.cutouts,
+        cutouts_dir=args.cutouts or _default_bench_cutouts(),
         device=args.device,
         batch_size=args.batch_size,
         num_samples=args.samples,
@@ -314,10 +314,20 @@ def _bench(args: argparse.Namespace) -> int:
         warmup_s=args.warmup_s,
         rounds=args.rounds,
         keras_cutouts=args.keras_cutouts,
+        flood_connections=args.flood_connections,
     )
     report = run_bench(config, progress=lambda step: print(f"bench: {step}", file=sys.stderr))
     print(format_report(report))
     return 0
+
+
+#: The repository's own sample cutouts, as seen from its root (where the README runs commands).
+SAMPLE_CUTOUTS_DIR = Path("examples/cutouts/clean")
+
+
+def _default_bench_cutouts() -> Path | None:
+    """The sample cutouts when run from a checkout; None (noise cubes) from an installed wheel."""
+    return SAMPLE_CUTOUTS_DIR if SAMPLE_CUTOUTS_DIR.is_dir() else None
 
 
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -332,7 +342,8 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         "--cutouts",
         type=Path,
         default=None,
-        help="folder of FITS cutouts (default: synthesised noise cubes)",
+        help="folder of FITS cutouts (default: examples/cutouts/clean when run from the "
+        "repository root, else synthesised noise cubes)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="cutouts per batch")
@@ -362,6 +373,12 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=20,
         help="cutouts for the Keras row (e); 0 skips it (default: 20)",
+    )
+    parser.add_argument(
+        "--flood-connections",
+        type=int,
+        default=256,
+        help="clients of row (g), which never back off; 0 skips it (default: 256)",
     )
     parser.set_defaults(handler=_bench)
 

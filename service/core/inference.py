@@ -304,6 +304,16 @@ class InferenceEngine:
         """Cutouts waiting for a batch (cutouts)."""
         return self._batcher.queued_size
 
+    @property
+    def seconds_per_cutout(self) -> float | None:
+        """Measured time the engine takes per cutout with every model instance busy: the
+        batcher's average run time per cutout divided by the instances (seconds per
+        cutout); None before the first batch has run."""
+        per_batch_cutout_s = self._batcher.seconds_per_item
+        if per_batch_cutout_s is None:
+            return None
+        return per_batch_cutout_s / self._model_instances
+
     def load(self) -> None:
         """Load and warm up the models (blocking; run it off the event loop)."""
         self._runtime.load()

@@ -1,6 +1,6 @@
 """Decode an uploaded FITS cutout into a band-ordered float32 cube.
 
-Accepted layouts (see ``shared/samples/README.md``):
+Accepted layouts (one of each in ``examples/cutouts/formats``):
 
 - an image cube in the primary HDU or the first image extension, its planes
   named in order by the ``BANDS`` keyword (``'g,r,i'``; g, r, i when absent);

@@ -23,7 +23,7 @@ import pytest
 from astropy.io import fits
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO.parent / "shared" / "samples" / "clean"
+SAMPLES = REPO / "examples" / "cutouts" / "clean"
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = REPO / "docs" / "demo.png"
 #: Two lenses with large Einstein radii and a plain galaxy (truth.csv), for a telling screenshot.
@@ -40,7 +40,7 @@ DISPLAY_SCALE = 4
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not all(p.exists() for p in SHOWN), reason="shared samples missing"),
+    pytest.mark.skipif(not all(p.exists() for p in SHOWN), reason="samples missing"),
 ]
 
 
