@@ -90,6 +90,28 @@ def _evaluate(args: argparse.Namespace) -> None:
     evaluate_all(Path(args.data), Path(args.runs))
 
 
+def _report(args: argparse.Namespace) -> None:
+    from training.report import add_report_to_cards, build_report, write_report
+
+    report = build_report(
+        Path(args.data),
+        Path(args.models),
+        role=args.role,
+        num_samples=args.num_samples,
+        n_resamples=args.resamples,
+        seed=args.seed,
+    )
+    json_path, markdown_path = write_report(report, Path(args.out))
+    met = sum(t["met"] for t in report["targets"])
+    print(
+        f"evaluated {report['set']['n_cutouts']} cutouts in {report['evaluation']['total_s']} s;"
+        f" {met} of {len(report['targets'])} targets met; wrote {json_path}, {markdown_path}"
+    )
+    if args.write_cards:
+        for path in add_report_to_cards(report, Path(args.models)):
+            print(f"added metrics[{report['role']!r}] to {path}")
+
+
 def _export(args: argparse.Namespace) -> None:
     from training.export import export_all
 
@@ -176,6 +198,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="test data directory")
     evaluate.add_argument("--runs", required=True)
     evaluate.set_defaults(handler=_evaluate)
+
+    report = commands.add_parser(
+        "report",
+        help="evaluate the exported ONNX models on a simulated set, with bootstrap intervals",
+    )
+    report.add_argument("--data", required=True, help="simulated set (shards, labels.csv)")
+    report.add_argument("--models", default="models", help="ONNX models and their cards")
+    report.add_argument("--out", required=True, help="directory for report.json and report.md")
+    report.add_argument(
+        "--role", choices=["sealed_test", "second_generator"], default="sealed_test"
+    )
+    report.add_argument("--num-samples", type=int, default=100, help="MC passes per lens")
+    report.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    report.add_argument("--seed", type=int, default=14, help="dropout and bootstrap seed")
+    report.add_argument(
+        "--write-cards", action="store_true", help="add the report to the cards' metrics"
+    )
+    report.set_defaults(handler=_report)
 
     export = commands.add_parser("export", help="ONNX + Keras + model cards into models/")
     export.add_argument("--runs", required=True)
