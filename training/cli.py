@@ -112,6 +112,14 @@ def _report(args: argparse.Namespace) -> None:
             print(f"added metrics[{report['role']!r}] to {path}")
 
 
+def _second_generator(args: argparse.Namespace) -> None:
+    from training.second_generator import generate
+
+    started = time.perf_counter()
+    generate(Path(args.out), n_cutouts=args.n, seed=args.seed, workers=args.workers)
+    print(f"generated {args.n} cutouts into {args.out} in {time.perf_counter() - started:.0f} s")
+
+
 def _export(args: argparse.Namespace) -> None:
     from training.export import export_all
 
@@ -216,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--write-cards", action="store_true", help="add the report to the cards' metrics"
     )
     report.set_defaults(handler=_report)
+
+    second = commands.add_parser(
+        "second-generator",
+        help="GalSim-rendered DES DR2-like cutouts that training never uses (evaluation only)",
+    )
+    second.add_argument("--out", required=True, help="output directory")
+    second.add_argument("--n", type=int, default=4000, help="number of cutouts")
+    second.add_argument("--seed", type=int, required=True)
+    second.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    second.set_defaults(handler=_second_generator)
 
     export = commands.add_parser("export", help="ONNX + Keras + model cards into models/")
     export.add_argument("--runs", required=True)

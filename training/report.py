@@ -277,7 +277,7 @@ def _negative_groups(labels: Labels) -> dict[str, NDArray[np.bool_]]:
     """Every negative kind, all blends together, and negatives with artefacts."""
     negative = ~labels.is_lens
     groups = {str(k): negative & (labels.kind == k) for k in np.unique(labels.kind[negative])}
-    blends = negative & np.char.find(labels.kind.astype(str), "blend") >= 0
+    blends = negative & (np.char.find(labels.kind.astype(str), "blend") >= 0)
     if blends.any():
         groups["blends"] = blends
     if (negative & labels.has_artefacts).any():
