@@ -58,8 +58,8 @@ SEEING_SCATTER_LN = (0.15, 0.03)
 #: sets the Poisson noise of the objects themselves.
 ELECTRONS_PER_FLUX = 8 * 90.0 * 10 ** (-0.4 * (ZERO_POINT_AB - 26.7))
 SUPERSAMPLING = 4
-SOURCE_STAMP_PIXELS = 256
-SOURCE_STAMP_SCALE_ARCSEC = 0.02
+SOURCE_STAMP_PIXELS = 192
+SOURCE_STAMP_SCALE_ARCSEC = 0.03
 MIN_ARC_SNR = 20.0
 MIN_MAGNIFICATION = 3.0
 NEGATIVE_KINDS = {"elliptical": 0.35, "disc": 0.3, "star": 0.2, "blend": 0.15}
@@ -209,7 +209,7 @@ def _star_forming(
         rng=galsim.BaseDeviate(int(rng.integers(1, 2**31))),
         gsparams=_GSPARAMS,
     )
-    knots = galsim.Convolve(knots, galsim.Gaussian(sigma=0.03, gsparams=_GSPARAMS))
+    knots = galsim.Convolve(knots, galsim.Gaussian(sigma=0.04, gsparams=_GSPARAMS))
     body = body.shear(q=q, beta=phi * galsim.radians)
     knots = knots.shear(q=q, beta=phi * galsim.radians)
     return {
@@ -317,7 +317,7 @@ def _draw_source(rng: np.random.Generator, scene: Scene) -> None:
         rng,
         r_mag=r_mag,
         r_eff=r_eff,
-        knot_fraction=rng.uniform(0.0, 0.6),
+        knot_fraction=rng.uniform(0.05, 0.6),
         n_knots=int(rng.integers(5, 31)),
         q=rng.uniform(0.4, 1.0),
         phi=rng.uniform(0, math.pi),
@@ -429,23 +429,25 @@ def _render_source(scene: Scene) -> NDArray[np.float64]:
     )
     sub_area = (PIXEL_SCALE_ARCSEC / SUPERSAMPLING) ** 2
     fine_scale = PIXEL_SCALE_ARCSEC / SUPERSAMPLING
+    # The bands differ only in each component's flux: draw and lens each component once
+    # (r band), then scale it per band.
+    lensed = []
+    for component in scene.source["r"]:
+        stamp = component.drawImage(
+            nx=SOURCE_STAMP_PIXELS,
+            ny=SOURCE_STAMP_PIXELS,
+            scale=SOURCE_STAMP_SCALE_ARCSEC,
+            method="no_pixel",
+        ).array
+        sampled = map_coordinates(stamp, coords, order=1, cval=0.0)
+        lensed.append(sampled * (sub_area / SOURCE_STAMP_SCALE_ARCSEC**2) / component.flux)
     out = np.zeros((len(BANDS), CUTOUT_PIXELS, CUTOUT_PIXELS))
+    n = CUTOUT_PIXELS
     for k, band in enumerate(BANDS):
-        stamp = (
-            galsim.Add(scene.source[band])
-            .drawImage(
-                nx=SOURCE_STAMP_PIXELS,
-                ny=SOURCE_STAMP_PIXELS,
-                scale=SOURCE_STAMP_SCALE_ARCSEC,
-                method="no_pixel",
-            )
-            .array
-        )
-        surface_brightness = map_coordinates(stamp, coords, order=1, cval=0.0)
-        surface_brightness /= SOURCE_STAMP_SCALE_ARCSEC**2
+        fluxes = [component.flux for component in scene.source[band]]
+        sub_pixels = sum(flux * unit for flux, unit in zip(fluxes, lensed, strict=True))
         kernel = scene.psfs[band].drawImage(nx=61, ny=61, scale=fine_scale, method="no_pixel").array
-        fine = fftconvolve(surface_brightness * sub_area, kernel / kernel.sum(), mode="same")
-        n = CUTOUT_PIXELS
+        fine = fftconvolve(sub_pixels, kernel / kernel.sum(), mode="same")
         out[k] = fine.reshape(n, SUPERSAMPLING, n, SUPERSAMPLING).sum(axis=(1, 3))
     return out
 
