@@ -278,7 +278,8 @@ def _negative_groups(labels: Labels) -> dict[str, NDArray[np.bool_]]:
     negative = ~labels.is_lens
     groups = {str(k): negative & (labels.kind == k) for k in np.unique(labels.kind[negative])}
     blends = negative & (np.char.find(labels.kind.astype(str), "blend") >= 0)
-    if blends.any():
+    # All blends together, unless they are a single kind already listed.
+    if blends.any() and not any(np.array_equal(blends, mask) for mask in groups.values()):
         groups["blends"] = blends
     if (negative & labels.has_artefacts).any():
         groups["with_artefacts"] = negative & labels.has_artefacts
@@ -659,6 +660,8 @@ def report_markdown(report: dict[str, Any]) -> str:
                 f"| {label} {name} | {counts[f'{side}/{name}']} | {' | '.join(_fmt(interval))} |"
             )
     for kind, section in report["regression"].items():
+        if kind == "all" and len(report["regression"]) == 2:
+            continue  # one kind of lens: its table is the same
         lines += [
             "",
             f"theta_E per bin, {kind} (mean error in arcsec; served coverage):",
