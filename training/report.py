@@ -321,7 +321,10 @@ def classification_section(
     everything = np.ones((1, len(truth)))
     for level in FPR_LEVELS:
         threshold = m.weighted_operating_point(everything, truth, probability, level)[2][0]
-        section[f"fpr_{level:g}"]["threshold"] = float(threshold)
+        # +inf: no threshold keeps the FPR at the level (a tiny set); null in JSON.
+        section[f"fpr_{level:g}"]["threshold"] = (
+            float(threshold) if np.isfinite(threshold) else None
+        )
     section["counts"] = {
         "lenses": int(labels.is_lens.sum()),
         "non_lenses": int((~labels.is_lens).sum()),
@@ -628,6 +631,10 @@ def _fmt(interval: dict[str, float | None], digits: int = 4) -> tuple[str, str]:
     )
 
 
+def _threshold_text(threshold: float | None) -> str:
+    return "none (no threshold reaches the FPR)" if threshold is None else f"{threshold:.4f}"
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """The report as markdown tables (value, bootstrap 95% interval, target, met)."""
     data = report["set"]
@@ -668,7 +675,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     point = cls["fpr_0.01"]
     lines += [
         "",
-        f"Rates at the FPR-0.01 threshold (P(lens) >= {point['threshold']:.4f}):",
+        f"Rates at the FPR-0.01 threshold (P(lens) >= {_threshold_text(point['threshold'])}):",
         "",
         "| group | n | rate | 95% interval |",
         "|---|---|---|---|",

@@ -182,3 +182,23 @@ def test_report_reads_the_training_simulator_kinds_and_artefacts(tmp_path):
     # Pooled groups are reported, but only kinds carry issue 14's per-kind target.
     assert not any("blends" in n or "with_artefacts" in n for n in names)
     assert "theta_E RMSE (arcsec), lensed_quasar" in names
+
+
+def test_a_set_too_small_for_the_fpr_has_no_threshold():
+    # Three negatives: the lowest non-zero FPR is 1/3, so no threshold gives FPR <= 1%
+    # unless the best-scoring negative is below every lens. Here it is the top score.
+    labels = r.Labels(
+        is_lens=np.array([True, True, False, False, False]),
+        kind=np.array(["lens", "lens", "star", "star", "plain"]),
+        theta_e_arcsec=np.array([1.0, 1.5, np.nan, np.nan, np.nan]),
+        arc_snr=None,
+        has_artefacts=np.zeros(5, dtype=bool),
+    )
+    probability = np.array([0.8, 0.7, 0.9, 0.1, 0.2])
+    seed = np.random.SeedSequence(0)
+    section = r.classification_section(labels, probability, n_resamples=1000, seed=seed)
+    assert section["fpr_0.01"]["threshold"] is None
+    assert section["fpr_0.01"]["tpr"]["value"] == 0.0
+    # AUROC: 4 of the 6 lens-negative pairs are ordered right (Mann-Whitney).
+    np.testing.assert_allclose(section["auroc"]["value"], 4 / 6)
+    json.dumps(section, allow_nan=False)
