@@ -13,9 +13,11 @@ Rows (all on the same cutouts, on the machine it runs on):
 (d) HTTP: single-cutout requests at several concurrencies, with latency percentiles;
 (e) what a user would do without lensserve: the ``.keras`` models called with
     ``model.predict`` once per cutout (needs the ``bench`` extra; TensorFlow is
-    imported only by :mod:`service.bench.keras_baseline`, only when this row runs).
+    imported only by :mod:`service.bench.keras_baseline`, only when this row runs);
+(g) in-process ``explain=true``: (b) plus the occlusion maps of every cutout
+    (:mod:`service.core.explain`); (b)/(g) is what an explanation costs (target <= 10).
 
-(a), (b), (c) and the most concurrent (d) alternate in rounds (``rounds``) against one
+(a), (b), (g), (c) and the most concurrent (d) alternate in rounds (``rounds``) against one
 server that idles while the in-process rows run, so their ratios compare the same minutes
 of a machine whose speed drifts; the other rows run once each, after an untimed warm-up.
 
@@ -75,6 +77,7 @@ _BOUNDARY = "lensservebenchboundary"
 FLOOR_ROW = "(a) in-process cls+reg"
 FULL_ROW = "(b) in-process full answer"
 FITS_TO_JSON_ROW = "(b') in-process FITS->JSON"
+EXPLAIN_ROW = "(g) in-process explain=true"
 
 
 @dataclass(frozen=True)
@@ -214,10 +217,14 @@ def measure_floor(
 
 
 def _answer_json(
-    runtime: OnnxModelRuntime, prepared: Sequence[PreparedCutout], samples: int
+    runtime: OnnxModelRuntime,
+    prepared: Sequence[PreparedCutout],
+    samples: int,
+    *,
+    explain: bool = False,
 ) -> str:
     """Everything after preprocessing: the model calls, summaries, results and the JSON."""
-    outcomes = predict_chunk(runtime, prepared, num_samples=samples)
+    outcomes = predict_chunk(runtime, prepared, num_samples=samples, explain=explain)
     return PredictResponse(
         model_versions=runtime.models.versions,
         results=[
@@ -233,10 +240,12 @@ def measure_full_answer(
     num_samples: int,
     duration_s: float,
     callers: int = 1,
+    explain: bool = False,
 ) -> float:
-    """(b): the full answer for one ready, preprocessed batch, in-process (cutouts/s)."""
+    """(b): the full answer for one ready, preprocessed batch, in-process (cutouts/s);
+    (g) with ``explain``: the same answer with each cutout's occlusion maps."""
     return _rate(
-        lambda: _answer_json(runtime, prepared, num_samples),
+        lambda: _answer_json(runtime, prepared, num_samples, explain=explain),
         cutouts_per_call=len(prepared),
         duration_s=duration_s,
         callers=callers,
@@ -479,9 +488,9 @@ def measure_interleaved(
     http: _HttpRunner,
     *,
     callers: int,
-) -> tuple[float, float, BenchRow, BenchRow]:
-    """(a), (b), (c) and (d) at the highest concurrency in ``config.rounds`` alternating
-    rounds: the cutouts/s of (a) and (b), and the rows of (c) and (d).
+) -> tuple[float, float, float, BenchRow, BenchRow]:
+    """(a), (b), (g), (c) and (d) at the highest concurrency in ``config.rounds`` alternating
+    rounds: the cutouts/s of (a), (b) and (g), and the rows of (c) and (d).
 
     A shared VM's speed drifts by ±10% within minutes; alternating the rows makes (b)/(a),
     (c)/(b) and (d)/(b) compare the same minutes. The server idles while the in-process
@@ -491,7 +500,7 @@ def measure_interleaved(
     images = np.stack([c.image for c in prepared])
     body, single_body = multipart_body(files), multipart_body(files[:1])
     clients = max(config.concurrencies)
-    floors, fulls, batches, singles = [], [], [], []
+    floors, fulls, explained, batches, singles = [], [], [], [], []
     http.warm_up(body, connections=2)
     http.warm_up(single_body, connections=clients)
     for _ in range(config.rounds):
@@ -505,12 +514,23 @@ def measure_interleaved(
                 callers=callers,
             )
         )
+        explained.append(
+            measure_full_answer(
+                runtime,
+                prepared,
+                num_samples=config.num_samples,
+                duration_s=config.duration_s,
+                callers=callers,
+                explain=True,
+            )
+        )
         batches.append(http.run(body, connections=2, duration_s=config.duration_s))
         singles.append(http.run(single_body, connections=clients, duration_s=config.duration_s))
     batch_row = http_row("(c) HTTP multipart", batches, per_request=len(files), connections=2)
     name = f"(d) HTTP single @{clients}"
     single_row = http_row(name, singles, per_request=1, connections=clients)
-    return float(np.mean(floors)), float(np.mean(fulls)), batch_row, single_row
+    rates = (float(np.mean(floors)), float(np.mean(fulls)), float(np.mean(explained)))
+    return (*rates, batch_row, single_row)
 
 
 def measure_http(
@@ -576,8 +596,8 @@ def run_bench(
         server.wait_ready()
         with tempfile.TemporaryDirectory(prefix="lensserve-bench-") as tmp:
             http = _HttpRunner(server, config, Path(tmp))
-            progress(f"(a), (b), (c), (d@max) in {config.rounds} alternating rounds")
-            floor, full, batch_row, single_row = measure_interleaved(
+            progress(f"(a), (b), (g), (c), (d@max) in {config.rounds} alternating rounds")
+            floor, full, explain, batch_row, single_row = measure_interleaved(
                 config, runtime, files, http, callers=callers
             )
             rounds = f"{config.rounds} rounds"
@@ -585,6 +605,7 @@ def run_bench(
             report.rows.append(BenchRow(FLOOR_ROW, floor, note=note))
             note = f"batch {len(files)} x{callers}, {config.num_samples} MC samples, {rounds}"
             report.rows.append(BenchRow(FULL_ROW, full, note=note))
+            report.rows.append(BenchRow(EXPLAIN_ROW, explain, note=f"{note}, occlusion maps"))
             progress("(b') in-process FITS to JSON")
             fits_to_json = measure_fits_to_json(
                 runtime,
@@ -639,8 +660,9 @@ def format_report(report: BenchReport) -> str:
             f"{row.name:<26} {row.cutouts_per_s:10.1f} {_ratio(row.cutouts_per_s, floor):>6} "
             f"{' '.join(ms)}  {row.note}"
         )
-    full, fits_to_json, batch, single, keras = (
+    full, explain, fits_to_json, batch, single, keras = (
         report.rate("(b)"),
+        report.rate("(g)"),
         report.rate("(b')"),
         report.rate("(c)"),
         _last_rate(report, "(d)"),
@@ -652,6 +674,7 @@ def format_report(report: BenchReport) -> str:
         f"(c)/(b') = {_ratio(batch, fits_to_json)} (target >= 0.8; both decode FITS)",
         f"(d@max)/(b') = {_ratio(single, fits_to_json)} (target >= 0.6; both decode FITS)",
         f"(c)/(e) = {_ratio(batch, keras)} (target >= 20)",
+        f"(b)/(g) = {_ratio(full, explain)} (target <= 10: explain=true's cost over the answer's)",
         f"for reference: (b')/(a) = {_ratio(fits_to_json, floor)}, "
         f"(c)/(b) = {_ratio(batch, full)}, (d@max)/(b) = {_ratio(single, full)} "
         "(FITS decode on one side only)",
