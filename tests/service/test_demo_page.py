@@ -221,3 +221,58 @@ def test_the_cutout_endpoint_answers_the_decoded_pixels(live_server):
     refused = httpx.post(f"{live_server}/v1/cutout", content=b"nope", timeout=60)
     assert refused.status_code == 400
     assert refused.json()["error"]["code"] == "invalid_fits"
+
+
+def _composite_pixels(page, name: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+    canvas = page.locator(f'.card[data-filename="{name}"] canvas.composite')
+    values = canvas.evaluate(
+        "c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
+    )
+    side = CUTOUT_PIXELS * DISPLAY_SCALE
+    return np.array(values, dtype=np.int16).reshape(side, side, 4)
+
+
+def test_the_overlay_toggle_draws_the_explanation_over_the_composite(page, live_server):
+    """The toggle draws the API's occlusion map on the probed square only, and takes it off."""
+    path = SHOWN[0]
+    files = [("files", (path.name, path.read_bytes(), "application/fits"))]
+    response = httpx.post(
+        f"{live_server}/v1/predict", files=files, params={"explain": "true"}, timeout=120
+    )
+    response.raise_for_status()
+    p_map = np.array(response.json()["results"][0]["explanation"]["lens_probability"])
+
+    page.set_input_files("#files", [str(path)])
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+    card = page.locator(f'.card[data-filename="{path.name}"]')
+    canvas = card.locator("canvas.composite")
+    assert canvas.get_attribute("data-overlay") == "off"
+    before = _composite_pixels(page, path.name)
+
+    card.locator("input.overlay-toggle").check()
+    assert canvas.get_attribute("data-overlay") == "lens_probability"
+    after = _composite_pixels(page, path.name)
+    changed = np.abs(after - before).sum(axis=2) > 0
+    # Screen rows run top-down and FITS rows bottom-up: flip the map to screen order, one
+    # cutout pixel per DISPLAY_SCALE x DISPLAY_SCALE block.
+    on_screen = np.kron(p_map[::-1] != 0, np.ones((DISPLAY_SCALE, DISPLAY_SCALE), dtype=bool))
+    assert changed[on_screen].mean() > 0.5, "the map is not drawn where it is non-zero"
+    # Outside the map's support only the theta_E circle may differ (it is redrawn on top).
+    assert changed[~on_screen].mean() < 0.01
+    # Where the map is strongest and positive, the overlay reddens the composite.
+    row, column = np.unravel_index(np.argmax(p_map[::-1]), p_map.shape)
+    if p_map.max() > 0:
+        block = (
+            slice(row * DISPLAY_SCALE, (row + 1) * DISPLAY_SCALE),
+            slice(column * DISPLAY_SCALE, (column + 1) * DISPLAY_SCALE),
+        )
+        assert (after[block][..., 0] >= before[block][..., 0]).all()
+        assert (after[block][..., 0] - after[block][..., 2]).mean() > (
+            before[block][..., 0] - before[block][..., 2]
+        ).mean()
+
+    card.locator("select.overlay-map").select_option("theta_E")
+    assert canvas.get_attribute("data-overlay") == "theta_E"
+    card.locator("input.overlay-toggle").uncheck()
+    assert canvas.get_attribute("data-overlay") == "off"
+    np.testing.assert_array_equal(_composite_pixels(page, path.name), before)
