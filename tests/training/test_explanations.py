@@ -73,6 +73,7 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
 
 
+@pytest.mark.slow
 def test_a_randomised_classifier_gives_different_maps(tmp_path):
     lenses = check.simulate_lenses(24, seed=17)
     regressor = check.session(MODELS_DIR / "einstein_radius.onnx")
