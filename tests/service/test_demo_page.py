@@ -255,21 +255,26 @@ def test_the_overlay_toggle_draws_the_explanation_over_the_composite(page, live_
     changed = np.abs(after - before).sum(axis=2) > 0
     # Screen rows run top-down and FITS rows bottom-up: flip the map to screen order, one
     # cutout pixel per DISPLAY_SCALE x DISPLAY_SCALE block.
-    on_screen = np.kron(p_map[::-1] != 0, np.ones((DISPLAY_SCALE, DISPLAY_SCALE), dtype=bool))
-    assert changed[on_screen].mean() > 0.5, "the map is not drawn where it is non-zero"
-    # Outside the map's support only the theta_E circle may differ (it is redrawn on top).
-    assert changed[~on_screen].mean() < 0.01
-    # Where the map is strongest and positive, the overlay reddens the composite.
-    row, column = np.unravel_index(np.argmax(p_map[::-1]), p_map.shape)
-    if p_map.max() > 0:
-        block = (
-            slice(row * DISPLAY_SCALE, (row + 1) * DISPLAY_SCALE),
-            slice(column * DISPLAY_SCALE, (column + 1) * DISPLAY_SCALE),
-        )
-        assert (after[block][..., 0] >= before[block][..., 0]).all()
-        assert (after[block][..., 0] - after[block][..., 2]).mean() > (
-            before[block][..., 0] - before[block][..., 2]
-        ).mean()
+    block = np.ones((DISPLAY_SCALE, DISPLAY_SCALE), dtype=bool)
+    # Opacity is 0.65 |value| / peak (demo.js): from a twentieth of the peak on, at least
+    # 3% of the way to red or blue, which moves every 8-bit channel that is not already there.
+    strong = np.kron(np.abs(p_map[::-1]) >= 0.05 * np.abs(p_map).max(), block)
+    assert strong.any()
+    assert changed[strong].mean() > 0.9, "the map is not drawn where it is strong"
+    # Where the map is 0 nothing changes (the theta_E circle is redrawn the same on top).
+    assert not changed[np.kron(p_map[::-1] == 0, block)].any()
+    # The strongest cell turns red if the light there raises P(lens), blue if it lowers it.
+    on_screen = p_map[::-1]
+    row, column = np.unravel_index(np.argmax(np.abs(on_screen)), on_screen.shape)
+    cell = (
+        slice(row * DISPLAY_SCALE, (row + 1) * DISPLAY_SCALE),
+        slice(column * DISPLAY_SCALE, (column + 1) * DISPLAY_SCALE),
+    )
+    redness = [(image[cell][..., 0] - image[cell][..., 2]).mean() for image in (before, after)]
+    if on_screen[row, column] > 0:
+        assert redness[1] > redness[0]
+    else:
+        assert redness[1] < redness[0]
 
     card.locator("select.overlay-map").select_option("theta_E")
     assert canvas.get_attribute("data-overlay") == "theta_E"
