@@ -1,4 +1,4 @@
-"""Where the served occlusion maps put their mass on simulated lenses: ``make explanations``.
+"""Where the served occlusion maps put their mass on simulated lenses, and a figure of a few.
 
 Simulates ``--lenses`` lenses with the training simulator (:func:`training.simulate.
 simulate_cutout`, seeded), preprocesses them as the service does, and computes the maps of
