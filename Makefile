@@ -8,10 +8,10 @@ DATA ?= data
 RUNS ?= runs
 TRAIN_CUTOUTS ?= 44000
 TEST_CUTOUTS ?= 6000
-# Folder of FITS cutouts for `make bench`; empty: seeded noise cubes.
-BENCH_CUTOUTS ?=
+# Folder of FITS cutouts for `make bench`: the repository's samples.
+BENCH_CUTOUTS ?= examples/cutouts/clean
 
-.PHONY: serve test lint models bench loadtest install-serve install-test install-train clean
+.PHONY: serve test lint models samples bench loadtest install-serve install-test install-train clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ models: $(VENV)/.train
 	$(BIN)/python -m training train --data $(DATA)/train --runs $(RUNS)
 	$(BIN)/python -m training evaluate --data $(DATA)/test --runs $(RUNS)
 	$(BIN)/python -m training export --runs $(RUNS) --models models --data $(DATA)/train $(DATA)/test
+
+# The sample cutouts of examples/cutouts, bit for bit (training/samples.py).
+SAMPLES_SEED ?= 13
+samples: $(VENV)/.train
+	$(BIN)/python -m training samples --out examples/cutouts --seed $(SAMPLES_SEED)
 
 # Throughput table of issue 5 (docs/performance.md); needs wrk on PATH for the HTTP rows.
 bench: $(VENV)/.bench

@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service.core.cpu import available_cores
+from service.fits.band_files import DEFAULT_BAND_PATTERN
 from service.settings import Settings
 
 Handler = Callable[[argparse.Namespace], int]
@@ -130,6 +131,8 @@ def _batch(args: argparse.Namespace) -> int:
             n_workers=args.workers or available_cores(),
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            group_bands=args.group_bands,
+            bands=args.bands,
         )
     except (LensServeError, ValueError) as exc:
         print(f"lensserve batch: {exc}", file=sys.stderr)
@@ -188,6 +191,7 @@ def _add_batch_parser(subparsers: argparse._SubParsersAction) -> None:
         "--models-dir", type=Path, default=None, help="folder with the ONNX models and cards"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_band_grouping_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_batch)
 
@@ -209,6 +213,8 @@ def _predict(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
         checkpoint_s=args.checkpoint_s,
+        group_bands=args.group_bands,
+        bands=args.bands,
     )
 
 
@@ -260,8 +266,36 @@ def _add_predict_parser(subparsers: argparse._SubParsersAction) -> None:
         help="longest time between two rewrites of --out, in seconds; 0 rewrites it after "
         "every file (default: %(default)s)",
     )
+    _add_band_grouping_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_predict)
+
+
+def _band_list(text: str) -> tuple[str, ...]:
+    bands = tuple(band.strip().lower() for band in text.split(",") if band.strip())
+    if not bands or len(set(bands)) != len(bands):
+        raise argparse.ArgumentTypeError(f"expected distinct bands such as g,r,i, got {text!r}")
+    return bands
+
+
+def _add_band_grouping_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--group-bands [PATTERN]`` and ``--bands``, shared by predict and batch."""
+    parser.add_argument(
+        "--group-bands",
+        nargs="?",
+        const=DEFAULT_BAND_PATTERN,
+        default=None,
+        metavar="PATTERN",
+        help="send files of one object, one per band, as one object, grouped by the name "
+        "pattern ({stem}, {band}, [optional text]; default: %(const)s); one row per object",
+    )
+    parser.add_argument(
+        "--bands",
+        type=_band_list,
+        default=("g", "r", "i"),
+        help="with --group-bands, the bands of an object, comma-separated; files of other "
+        "bands are left out (default: g,r,i, the shipped models' bands)",
+    )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -271,7 +305,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     config = BenchConfig(
         models_dir=args.models_dir or DEFAULT_MODELS_DIR,
-        cutouts_dir=args.cutouts,
+        cutouts_dir=args.cutouts or _default_bench_cutouts(),
         device=args.device,
         batch_size=args.batch_size,
         num_samples=args.samples,
@@ -280,10 +314,20 @@ def _bench(args: argparse.Namespace) -> int:
         warmup_s=args.warmup_s,
         rounds=args.rounds,
         keras_cutouts=args.keras_cutouts,
+        flood_connections=args.flood_connections,
     )
     report = run_bench(config, progress=lambda step: print(f"bench: {step}", file=sys.stderr))
     print(format_report(report))
     return 0
+
+
+#: The repository's own sample cutouts, as seen from its root (where the README runs commands).
+SAMPLE_CUTOUTS_DIR = Path("examples/cutouts/clean")
+
+
+def _default_bench_cutouts() -> Path | None:
+    """The sample cutouts when run from a checkout; None (noise cubes) from an installed wheel."""
+    return SAMPLE_CUTOUTS_DIR if SAMPLE_CUTOUTS_DIR.is_dir() else None
 
 
 def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -298,7 +342,8 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         "--cutouts",
         type=Path,
         default=None,
-        help="folder of FITS cutouts (default: synthesised noise cubes)",
+        help="folder of FITS cutouts (default: examples/cutouts/clean when run from the "
+        "repository root, else synthesised noise cubes)",
     )
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="cutouts per batch")
@@ -328,6 +373,12 @@ def _add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=20,
         help="cutouts for the Keras row (e); 0 skips it (default: 20)",
+    )
+    parser.add_argument(
+        "--flood-connections",
+        type=int,
+        default=256,
+        help="clients of row (g), which never back off; 0 skips it (default: 256)",
     )
     parser.set_defaults(handler=_bench)
 

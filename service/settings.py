@@ -121,10 +121,22 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     """Verbosity of the ``lensserve`` loggers and of uvicorn (level name)."""
 
-    max_concurrent_requests: int = Field(default=32, ge=1)
+    max_queue_wait_s: float = Field(default=2.0, gt=0.0, le=3600.0)
+    """Admission deadline: a POST request under ``/v1`` or ``/v2`` is admitted while the
+    expected wait of the work already admitted (its cutouts times the measured service time
+    per cutout) stays under it, else refused with 503 ``overloaded`` before its body is read,
+    with a ``Retry-After`` of that wait (seconds)."""
+
+    max_body_bytes_in_flight: int = Field(default=256 * MiB, ge=1024)
+    """Memory guard: most request-body bytes admitted at once, each request counted by its
+    ``Content-Length`` or, without one, by ``max_body_bytes``; beyond it requests are refused
+    with 503 ``overloaded`` before their body is read (bytes)."""
+
+    max_concurrent_requests: int = Field(default=1024, ge=1)
     """POST requests under ``/v1`` and ``/v2`` handled at once; more are refused with 503
-    ``overloaded`` before their body is read, which bounds the memory bodies can take to
-    about this times ``max_body_bytes`` (requests)."""
+    ``overloaded`` before their body is read. A backstop for the connections a process
+    holds: the queue-wait deadline limits work, ``max_body_bytes_in_flight`` memory
+    (requests)."""
 
     request_timeout_s: float = Field(default=60.0, gt=0.0, le=3600.0)
     """Longest time a request under ``/v1`` or ``/v2`` may take from its first byte to its
@@ -177,6 +189,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_queue_cutouts ({self.max_queue_cutouts}) is smaller than max_files "
                 f"({self.max_files}): a full multipart request could never be queued"
+            )
+        if self.max_body_bytes_in_flight < self.max_body_bytes:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) is smaller than "
+                f"max_body_bytes ({self.max_body_bytes}): the largest body could never be admitted"
             )
         if self.max_queue_cutouts < self.max_batch_size:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""The README documents what the code does: every setting, every linked file."""
+"""The README documents what the code does: every linked file; docs/settings.md every setting."""
 
 import re
 from pathlib import Path
@@ -7,10 +7,13 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+SETTINGS_TABLE = (ROOT / "docs" / "settings.md").read_text()
 
 
 def test_every_setting_is_in_the_configuration_table():
-    documented = set(re.findall(r"^\| `LENSSERVE_([A-Z_]+)` \|", README, flags=re.MULTILINE))
+    documented = set(
+        re.findall(r"^\| `LENSSERVE_([A-Z_]+)` \|", SETTINGS_TABLE, flags=re.MULTILINE)
+    )
     expected = {name.upper() for name in Settings.model_fields}
     assert documented == expected
 
@@ -20,6 +23,11 @@ def test_every_relative_link_points_at_a_committed_file():
     assert targets, "the README links its docs, plots and screenshot"
     missing = [target for target in targets if not (ROOT / target).exists()]
     assert not missing
+
+
+def test_the_readme_links_the_settings_table_and_names_no_outside_folder():
+    assert "(docs/settings.md)" in README
+    assert "../" not in README
 
 
 def test_the_two_set_up_commands_are_make_targets():

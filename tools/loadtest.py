@@ -12,8 +12,10 @@
 4. Samples the resident memory (``/proc/<pid>/status``) of the server and of
    the server with its child processes (decode workers) every second.
 
-It prints a JSON report: answers by status, socket errors, latency quantiles
-of the admitted (200) and refused (503) requests, and RSS over time. Each
+It prints a JSON report: answers by status, goodput (200 answers per second,
+and that over the probed capacity), refusals (503 answers per second), socket
+errors, latency quantiles of the admitted (200) and refused (503) requests, and
+RSS over time. Each
 request is one FITS cutout posted raw, at the server's default MC samples.
 It talks plain HTTP/1.1 over asyncio streams so that the generator, which
 shares the machine with the server, stays cheap.
@@ -36,7 +38,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_SAMPLE = REPO.parent / "shared" / "samples" / "clean" / "00000.fits"
+DEFAULT_SAMPLE = REPO / "examples" / "cutouts" / "clean" / "00000.fits"
 #: uvicorn closes a keep-alive connection idle for 5 s (``timeout_keep_alive``); like any
 #: HTTP client, the generator does not reuse one idle for nearly that long.
 MAX_IDLE_S = 3.0
@@ -321,11 +323,22 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "offered_per_s": round(rate, 1),
             "seconds": args.duration_s,
             "max_connections": args.max_connections,
+            **_goodput(load, seconds=args.duration_s, capacity_per_s=capacity),
             **load.summary(),
         },
         "rss_mib": _rss_summary(rss),
         "cpus": os.cpu_count(),
         "load_average_after": os.getloadavg(),
+    }
+
+
+def _goodput(tally: Tally, *, seconds: float, capacity_per_s: float) -> dict[str, float]:
+    """Answers with 200 and with 503 per second of the phase; goodput over capacity."""
+    goodput = tally.statuses.get(200, 0) / seconds
+    return {
+        "goodput_per_s": round(goodput, 1),
+        "goodput_over_capacity": round(goodput / capacity_per_s, 2) if capacity_per_s else 0.0,
+        "refused_per_s": round(tally.statuses.get(503, 0) / seconds, 1),
     }
 
 

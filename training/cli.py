@@ -1,4 +1,4 @@
-"""Command line for the offline pipeline: simulate, train, evaluate, export."""
+"""Command line for the offline pipeline: simulate, train, evaluate, export; the samples."""
 
 from __future__ import annotations
 
@@ -8,16 +8,44 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from training.config import PRESETS, SimulationConfig
+from training.config import PRESETS, SAMPLES_SEED, SimulationConfig
 
 
 def _simulate(args: argparse.Namespace) -> None:
     from training.dataset import simulate_dataset
 
     config = replace(SimulationConfig(), seed=args.seed, n_cutouts=args.n)
+    if args.negative_kinds:
+        known = [kind for kind, _ in config.negative_kinds]
+        config = replace(config, negative_kinds=parse_kind_weights(args.negative_kinds, known))
+    if args.lens_kinds:
+        known = [kind for kind, _ in config.lens_kinds]
+        config = replace(config, lens_kinds=parse_kind_weights(args.lens_kinds, known))
     started = time.perf_counter()
     simulate_dataset(config, Path(args.out), workers=args.workers)
     print(f"simulated {args.n} cutouts into {args.out} in {time.perf_counter() - started:.0f} s")
+
+
+def _samples(args: argparse.Namespace) -> None:
+    from training.samples import write_samples
+
+    written = write_samples(Path(args.out), seed=args.seed)
+    size_kb = sum(path.stat().st_size for path in written) / 1024
+    print(f"wrote {len(written)} files ({size_kb:.0f} KiB) into {args.out}")
+
+
+def parse_kind_weights(text: str, known: list[str]) -> tuple[tuple[str, float], ...]:
+    """``'star=0.2,quasar=0.1'`` -> ``(("star", 0.2), ("quasar", 0.1))`` (relative weights)."""
+    pairs = []
+    for item in text.split(","):
+        kind, sep, weight = item.partition("=")
+        kind = kind.strip()
+        if not sep or kind not in known:
+            raise SystemExit(
+                f"expected kind=weight with a kind among {', '.join(known)}; got {item!r}"
+            )
+        pairs.append((kind, float(weight)))
+    return tuple(pairs)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -44,6 +72,8 @@ def _finetune(args: argparse.Namespace) -> None:
         learning_rate=args.learning_rate,
         preset=args.preset,
         ema_momentum=args.ema_momentum,
+        classifier_epochs=args.classifier_epochs,
+        classifier_learning_rate=args.classifier_learning_rate,
     )
 
 
@@ -75,7 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--n", type=int, default=1000, help="number of cutouts")
     simulate.add_argument("--seed", type=int, default=SimulationConfig.seed)
     simulate.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    simulate.add_argument(
+        "--negative-kinds",
+        default=None,
+        help="kind=weight,... replacing SimulationConfig.negative_kinds (e.g. a test set "
+        "with more stars); default: the training mix",
+    )
+    simulate.add_argument(
+        "--lens-kinds", default=None, help="kind=weight,... replacing SimulationConfig.lens_kinds"
+    )
     simulate.set_defaults(handler=_simulate)
+
+    samples = commands.add_parser(
+        "samples", help="simulate the sample cutouts of examples/cutouts (FITS, truth.csv)"
+    )
+    samples.add_argument("--out", default="examples/cutouts", help="output directory")
+    samples.add_argument("--seed", type=int, default=SAMPLES_SEED)
+    samples.set_defaults(handler=_samples)
 
     train = commands.add_parser("train", help="train the three models")
     train.add_argument("--data", required=True, help="training data directory")
@@ -90,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     finetune = commands.add_parser(
-        "finetune", help="resume a run's regressor on more data; rebuild its MC model"
+        "finetune", help="resume a run's models on more data; rebuild its MC model"
     )
-    finetune.add_argument("--runs", required=True, help="run whose models to start from")
+    finetune.add_argument(
+        "--runs", required=True, help="run (or models/ folder) whose models to start from"
+    )
     finetune.add_argument("--data", required=True, help="training data directory")
     finetune.add_argument("--out", required=True, help="directory for the new run")
     finetune.add_argument("--epochs", type=int, default=8)
@@ -103,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="keep the moving average of the weights over the steps (e.g. 0.998)",
+    )
+    finetune.add_argument(
+        "--classifier-epochs",
+        type=int,
+        default=0,
+        help="also resume the classifier for this many epochs (0: copy it unchanged)",
+    )
+    finetune.add_argument(
+        "--classifier-learning-rate", type=float, default=3e-4, help="peak (cosine)"
     )
     finetune.set_defaults(handler=_finetune)
 

@@ -1,9 +1,10 @@
 """Frozen, typed configuration for simulation, models and training.
 
-Survey constants are copied from lenstronomy's DES observation settings
-(``lenstronomy/SimulationAPI/ObservationConfig/DES.py``, after Abbott et al.
-2018, DES DR1) rather than read from its module-level dict, which ``DES()``
-mutates.
+Survey constants are data with a citation: DES DR2 medians (Abbott et al.
+2021, ApJS 255, 20) and the sky brightness of lenstronomy's DES settings
+(``lenstronomy/SimulationAPI/ObservationConfig/DES.py``), copied rather than
+read from its module-level dict, which ``DES()`` mutates. The populations and
+their sources are described in ``docs/simulations.md``.
 """
 
 from __future__ import annotations
@@ -15,27 +16,36 @@ PIXEL_SCALE_ARCSEC = 0.263
 CUTOUT_PIXELS = 64
 #: AB zero point of the pixel values written and expected (flux = 10**(-0.4 (m - 30))).
 OUTPUT_ZERO_POINT_AB = 30.0
+#: Seed of the repository's sample cutouts, ``examples/cutouts`` (``training/samples.py``).
+SAMPLES_SEED = 13
 
 
 @dataclass(frozen=True)
-class BandObservation:
-    """One DES band (lenstronomy DES.py, copied): per-exposure values."""
+class DR2Band:
+    """Median coadd conditions of one DES DR2 band.
 
-    exposure_time_s: float
-    sky_brightness_mag_arcsec2: float
-    magnitude_zero_point: float
+    ``seeing_fwhm_arcsec`` and ``depth_10sigma_mag`` are the medians quoted in
+    the abstract of Abbott et al. (2021), "The Dark Energy Survey Data Release
+    2", ApJS 255, 20 (doi:10.3847/1538-4365/ac00b3): delivered PSF FWHM and
+    coadd depth at S/N = 10 in a 1.95" diameter aperture.
+    ``sky_brightness_mag_arcsec2`` is lenstronomy's DES value
+    (``SimulationAPI/ObservationConfig/DES.py``), used only to split the noise
+    into sky and source shot noise.
+    """
+
     seeing_fwhm_arcsec: float
-    read_noise_electrons: float = 7.0
-    ccd_gain_electrons_per_adu: float = 4.0
-    exposures_per_year: float = 10.0 / 3.0
-    """lenstronomy's DES setting: 10 exposures per band for a 3-year coadd."""
+    depth_10sigma_mag: float
+    sky_brightness_mag_arcsec2: float
 
 
-DES_BANDS: dict[str, BandObservation] = {
-    "g": BandObservation(90.0, 22.01, 26.58, 1.12),
-    "r": BandObservation(90.0, 21.15, 26.78, 0.96),
-    "i": BandObservation(90.0, 19.89, 26.75, 0.88),
+DES_DR2_BANDS: dict[str, DR2Band] = {
+    "g": DR2Band(1.11, 24.7, 22.01),
+    "r": DR2Band(0.95, 24.4, 21.15),
+    "i": DR2Band(0.88, 23.8, 19.89),
 }
+
+#: Diameter of the aperture in which DR2 quotes its depth (arcsec).
+DEPTH_APERTURE_DIAMETER_ARCSEC = 1.95
 
 
 @dataclass(frozen=True)
@@ -48,14 +58,21 @@ class SimulationConfig:
     shard_size: int = 1000
     supersampling: int = 3
     """Sub-pixels per pixel side when ray-shooting (pixels are 0.263 arcsec)."""
-    # Observing conditions
-    survey_years: tuple[float, float] = (1.0, 6.0)
-    seeing_scatter_frac: tuple[float, float] = (0.75, 1.45)
-    """Per-object multiplier on each band's median seeing FWHM, drawn per band."""
-    moffat_fraction: float = 0.5
+    # Observing conditions (training.observing; DES DR2 medians in survey_bands)
+    seeing_log_sigma: float = 0.12
+    """Spread (natural log) of the per-object atmosphere factor on all bands' median FWHM."""
+    seeing_factor_range: tuple[float, float] = (0.72, 1.6)
+    seeing_band_scatter_frac: float = 0.04
+    """Per-band relative scatter of the FWHM around atmosphere factor x DR2 median."""
+    moffat_fraction: float = 0.85
+    """Fraction of cutouts with a Moffat PSF (the rest Gaussian)."""
     moffat_beta: tuple[float, float] = (2.0, 5.0)
-    psf_ellipticity: tuple[float, float] = (0.0, 0.08)
-    sky_offset_mag: tuple[float, float] = (-0.6, 0.4)
+    psf_ellipticity: tuple[float, float] = (0.0, 0.1)
+    depth_common_sigma_mag: float = 0.2
+    """Normal spread of the depth offset shared by g, r, i (mag)."""
+    depth_band_sigma_mag: float = 0.1
+    """Normal spread of each band's own depth offset (mag)."""
+    depth_offset_range_mag: tuple[float, float] = (-0.8, 0.8)
     # Deflector light and mass
     deflector_mag_i: tuple[float, float] = (17.5, 21.0)
     deflector_colour_gr: tuple[float, float] = (0.9, 1.9)
@@ -83,16 +100,60 @@ class SimulationConfig:
     min_magnification: float = 3.0
     require_resolved: bool = True
     """Collett (2015): theta_E^2 > r_source^2 + (seeing FWHM / 2)^2 in the r band."""
+    # Positives: relative frequencies of the kinds of lens (docs/simulations.md)
+    lens_kinds: tuple[tuple[str, float], ...] = (("lens", 0.8), ("lensed_quasar", 0.2))
+    quasar_mag_r: tuple[float, float] = (18.5, 23.0)
+    """Unlensed r magnitude of the lensed quasar (uniform)."""
+    lensed_quasar_source_max_frac: float = 0.6
+    """Quasar offset from the lens centre (fraction of theta_E, uniform in area)."""
+    lensed_quasar_inner_fraction: float = 0.3
+    """Fraction of lensed quasars placed within 0.15 theta_E (inside the caustic: quads),
+    standing in for the magnification bias that makes quads common in real samples."""
+    min_image_separation_fwhm: float = 0.8
+    """Lensed quasars: two images at least this many r-band FWHM apart."""
+    min_image_snr: float = 5.0
+    """Lensed quasars: the fainter of those two images has this point-source S/N."""
     # Negatives: relative frequencies of the kinds of non-lens
     negative_kinds: tuple[tuple[str, float], ...] = (
-        ("plain", 0.2),
-        ("companions", 0.25),
-        ("tangential", 0.25),
-        ("ring", 0.1),
-        ("spiral", 0.1),
-        ("merger", 0.1),
+        ("plain", 0.10),
+        ("companions", 0.13),
+        ("tangential", 0.13),
+        ("ring", 0.06),
+        ("spiral", 0.07),
+        ("merger", 0.06),
+        ("edge_on", 0.06),
+        ("star", 0.12),
+        ("quasar", 0.12),
+        ("star_galaxy_blend", 0.06),
+        ("galaxy_blend", 0.05),
+        ("group", 0.04),
     )
-    bands: dict[str, BandObservation] = field(default_factory=lambda: dict(DES_BANDS))
+    star_mag_r: tuple[float, float] = (15.0, 23.0)
+    star_count_slope: float = 0.08
+    """Star magnitudes follow dN/dm proportional to 10**(slope m) on star_mag_r."""
+    star_offset_fraction: float = 0.4
+    """Fraction of star cutouts with the star off centre (up to 3 arcsec)."""
+    saturation_flux: tuple[float, float] = (20000.0, 35000.0)
+    """Pixel level (zero point 30 flux) at which a star's core is clipped."""
+    quasar_redshift: tuple[float, float] = (0.1, 3.0)
+    quasar_host_fraction: float = 0.3
+    """Fraction of unlensed quasars at z < 1 that show a faint host."""
+    # Artefacts on any cutout (training.artefacts)
+    artefact_probability: float = 0.18
+    """Fraction of cutouts (lenses too) that get one or more artefacts."""
+    artefact_kinds: tuple[tuple[str, float], ...] = (
+        ("satellite_trail", 0.15),
+        ("cosmic_ray", 0.2),
+        ("star_halo", 0.15),
+        ("ghost", 0.1),
+        ("masked_columns", 0.1),
+        ("nan_patch", 0.1),
+        ("sky_gradient", 0.1),
+        ("correlated_noise", 0.1),
+    )
+    extra_artefact_mean: float = 0.3
+    """Mean (Poisson) of further artefacts on a cutout that has one."""
+    survey_bands: dict[str, DR2Band] = field(default_factory=lambda: dict(DES_DR2_BANDS))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,10 +1,14 @@
-"""Continue training a run's regressor on more simulated data, then rebuild its MC model.
+"""Continue training a run's models on more simulated data, then rebuild its MC model.
 
-The regressor's validation loss was still falling when a GPU run ended; this
-resumes it on another simulated set at a low learning rate (on any backend,
-CPU included). The MC head is retrained on the new trunk and recalibrated,
-because the MC model must share the regressor's trunk exactly; the classifier
-is copied unchanged.
+Resumes the regressor (and, with ``classifier_epochs``, the classifier) on
+another simulated set at a low learning rate, on any backend, CPU included:
+the way to teach shipped models new populations (stars, quasars, artefacts)
+without training from scratch. The MC head is retrained on the new trunk and
+recalibrated, because the MC model must share the regressor's trunk exactly;
+with ``classifier_epochs=0`` the classifier is copied unchanged.
+
+``runs_in`` is a training run (``training.json`` beside the .keras files) or a
+``models/`` folder, whose MC card carries the same training summary.
 """
 
 from __future__ import annotations
@@ -21,10 +25,21 @@ from training.config import PRESETS, ModelConfig
 from training.train import (
     RUN_FILES,
     TRAINING_SUMMARY,
+    fit_classifier,
     fit_regressor,
     split_for_training,
     train_mc_model,
 )
+
+#: The card whose ``training`` entry is the run summary, when resuming from ``models/``.
+_SUMMARY_CARD = "einstein_radius_mc.json"
+
+
+def load_run_summary(runs_in: Path) -> dict:
+    """The training summary of a run folder, or of a ``models/`` folder (from its MC card)."""
+    if (runs_in / TRAINING_SUMMARY).exists():
+        return json.loads((runs_in / TRAINING_SUMMARY).read_text())
+    return dict(json.loads((runs_in / _SUMMARY_CARD).read_text())["training"])
 
 
 def finetune_regressor(
@@ -36,9 +51,11 @@ def finetune_regressor(
     learning_rate: float,
     preset: str = "gpu",
     ema_momentum: float | None = None,
+    classifier_epochs: int = 0,
+    classifier_learning_rate: float = 3e-4,
 ) -> dict:
-    """Resume ``runs_in``'s regressor on ``data_dir``; write all three models to ``runs_out``."""
-    summary = json.loads((runs_in / TRAINING_SUMMARY).read_text())
+    """Resume ``runs_in``'s models on ``data_dir``; write all three models to ``runs_out``."""
+    summary = load_run_summary(runs_in)
     model_config = ModelConfig.from_dict(summary["model_config"])
     # Augmentation threads: the preset's count is for 16 cores; more than the cores only contend.
     config = replace(
@@ -48,7 +65,7 @@ def finetune_regressor(
     )
     keras.utils.set_random_seed(config.seed + 10)
     runs_out.mkdir(parents=True, exist_ok=True)
-    _, _, lenses_train, lenses_valid = split_for_training(data_dir, config)
+    train, valid, lenses_train, lenses_valid = split_for_training(data_dir, config)
 
     regressor = keras.saving.load_model(runs_in / RUN_FILES["einstein_radius"], compile=False)
     history = fit_regressor(
@@ -62,7 +79,32 @@ def finetune_regressor(
         ema_momentum=ema_momentum,
     )
     regressor.save(runs_out / RUN_FILES["einstein_radius"])
-    shutil.copy(runs_in / RUN_FILES["lens_classifier"], runs_out / RUN_FILES["lens_classifier"])
+    classifier_path = runs_out / RUN_FILES["lens_classifier"]
+    if classifier_epochs > 0:
+        classifier = keras.saving.load_model(runs_in / RUN_FILES["lens_classifier"], compile=False)
+        classifier_history = fit_classifier(
+            classifier,
+            train,
+            valid,
+            config,
+            epochs=classifier_epochs,
+            peak_learning_rate=classifier_learning_rate,
+            seed=config.seed + 12,
+            ema_momentum=ema_momentum,
+        )
+        classifier.save(classifier_path)
+        summary["fine_tuned_classifier"] = {
+            "from_runs": str(runs_in),
+            "data_dir": str(data_dir),
+            "epochs": classifier_epochs,
+            "peak_learning_rate": classifier_learning_rate,
+            "ema_momentum": ema_momentum,
+            "n_train": int(len(train.images)),
+            "val_loss": [float(v) for v in classifier_history.history["val_loss"]],
+            "val_auroc": [float(v) for v in classifier_history.history["val_auroc"]],
+        }
+    else:
+        shutil.copy(runs_in / RUN_FILES["lens_classifier"], classifier_path)
     mc_model, scale = train_mc_model(regressor, lenses_train, lenses_valid, model_config, config)
     mc_model.save(runs_out / RUN_FILES["einstein_radius_mc"])
 

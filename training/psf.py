@@ -16,6 +16,7 @@ def psf_kernel(
     moffat_beta: float | None = None,
     ellipticity: float = 0.0,
     angle_rad: float = 0.0,
+    offset_arcsec: tuple[float, float] = (0.0, 0.0),
 ) -> NDArray[np.float64]:
     """A normalised (25, 25) PSF kernel, integrated over pixels.
 
@@ -31,11 +32,14 @@ def psf_kernel(
         (a - b) / (a + b) of the isophotes, 0 for round.
     angle_rad : float
         Position angle of the major axis (radians from +x).
+    offset_arcsec : tuple of float
+        (x, y) of the PSF centre from the central pixel's centre (arcsec), for
+        point sources between pixel centres.
     """
     n = _KERNEL_PIXELS * _SUBSAMPLING
     step = pixel_scale_arcsec / _SUBSAMPLING
     coords = (np.arange(n) - (n - 1) / 2) * step
-    x, y = np.meshgrid(coords, coords)
+    x, y = np.meshgrid(coords - offset_arcsec[0], coords - offset_arcsec[1])
     cos, sin = np.cos(angle_rad), np.sin(angle_rad)
     major = (cos * x + sin * y) / (1.0 + ellipticity)
     minor = (-sin * x + cos * y) / (1.0 - ellipticity)
@@ -50,3 +54,25 @@ def psf_kernel(
         axis=(1, 3)
     )
     return kernel / kernel.sum()
+
+
+def moffat_image(
+    x: NDArray, y: NDArray, *, fwhm_arcsec: float, beta: float, pixel_scale_arcsec: float
+) -> NDArray[np.float64]:
+    """Fraction of a unit flux per pixel of a round Moffat sampled at pixel centres.
+
+    Normalised analytically over the whole plane (beta > 1), so the part that
+    falls outside the cutout is lost, as on the sky. Used for the wide wings of
+    bright stars, which the (25, 25) kernel truncates.
+    """
+    alpha = fwhm_arcsec / (2.0 * np.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    norm = (beta - 1.0) / (np.pi * alpha**2)
+    return norm * (1.0 + (x**2 + y**2) / alpha**2) ** (-beta) * pixel_scale_arcsec**2
+
+
+def gaussian_image(
+    x: NDArray, y: NDArray, *, fwhm_arcsec: float, pixel_scale_arcsec: float
+) -> NDArray[np.float64]:
+    """Fraction of a unit flux per pixel of a round Gaussian sampled at pixel centres."""
+    sigma = fwhm_arcsec / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    return np.exp(-0.5 * (x**2 + y**2) / sigma**2) / (2 * np.pi * sigma**2) * pixel_scale_arcsec**2

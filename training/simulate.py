@@ -2,33 +2,41 @@
 
 One cutout is drawn in two steps: :func:`draw_scene` samples every physical
 and observational parameter from a :class:`SimulationConfig`, and
-:func:`render_scene` turns the scene into noiseless component images and a
-noisy g, r, i cube in AB zero point 30 fluxes (the format of
-``shared/samples``). Lensing uses lenstronomy's ray shooting (SIE or EPL plus
-external shear); light uses its Sersic and Gaussian profiles.
+:func:`render_components` turns the scene into noiseless component images;
+:func:`simulate_cutout` adds noise and artefacts and returns a g, r, i cube in
+AB zero point 30 fluxes (the format of ``examples/cutouts``). Lensing uses
+lenstronomy's ray shooting (SIE or EPL plus external shear); light uses its
+Sersic and Gaussian profiles. The populations live in their own modules:
+observing conditions (:mod:`training.observing`), negatives
+(:mod:`training.negatives`, :mod:`training.point_sources`), lensed quasars
+(:mod:`training.lensed_quasars`) and artefacts (:mod:`training.artefacts`);
+``docs/simulations.md`` lists every kind, its fraction and its sources.
 
-Lens visibility rule (kept lenses only), after Collett (2015): the lensed
-source's signal-to-noise, sum(S) / sqrt(sum(sigma^2)) over the pixels where
-the PSF-convolved source exceeds the pixel noise sigma, is at least
-``min_arc_snr`` (20) in the best of g, r, i; the total magnification is at
-least ``min_magnification`` (3); and the lens is resolved,
-theta_E^2 > r_source^2 + (FWHM_r / 2)^2.
+Galaxy-galaxy lens visibility rule (kept lenses only), after Collett (2015):
+the lensed source's signal-to-noise, sum(S) / sqrt(sum(sigma^2)) over the
+pixels where the PSF-convolved source exceeds the pixel noise sigma, is at
+least ``min_arc_snr`` (20) in the best of g, r, i; the total magnification is
+at least ``min_magnification`` (3); and the lens is resolved,
+theta_E^2 > r_source^2 + (FWHM_r / 2)^2. Lensed quasars follow the rule in
+:mod:`training.lensed_quasars` instead.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 from lenstronomy.LensModel.lens_model import LensModel
-from lenstronomy.LightModel.Profiles.gaussian import Gaussian
-from lenstronomy.LightModel.Profiles.sersic import SersicElliptic
 from lenstronomy.Util.param_util import phi_q2_ellipticity
 from numpy.typing import NDArray
 from scipy.signal import fftconvolve
-from scipy.special import gamma as gamma_function
 
+from training.artefacts import (
+    NO_ARTEFACTS,
+    apply_artefacts,
+    correlated_noise,
+    draw_artefact_kinds,
+)
 from training.config import (
     BANDS,
     CUTOUT_PIXELS,
@@ -36,45 +44,25 @@ from training.config import (
     PIXEL_SCALE_ARCSEC,
     SimulationConfig,
 )
-from training.psf import psf_kernel
+from training.lensed_quasars import image_point_sources, images_visible, solve_images
+from training.light import Galaxy, PointSource, colour_mags, draw_blue_galaxy, ellipticity
+from training.negatives import draw_field_galaxies, draw_negative
+from training.observing import Observation, draw_observation, noise_sigma
+from training.point_sources import draw_quasar
+from training.psf import gaussian_image, moffat_image, psf_kernel
 
-_SERSIC = SersicElliptic()
-_GAUSSIAN = Gaussian()
+__all__ = [
+    "Galaxy",
+    "PointSource",
+    "Scene",
+    "arc_snr",
+    "draw_scene",
+    "render_components",
+    "simulate_cutout",
+]
+
 _LENS_MODELS = {"SIE": LensModel(["SIE", "SHEAR"]), "EPL": LensModel(["EPL", "SHEAR"])}
 _MAX_SOURCE_REDRAWS = 30
-
-
-@dataclass
-class Galaxy:
-    """A light component: Sersic (``n_sersic``) or, when n_sersic is None, a Gaussian clump.
-
-    ``mags`` are AB magnitudes per band (total flux of the component).
-    """
-
-    mags: dict[str, float]
-    r_eff_arcsec: float
-    n_sersic: float | None
-    e1: float
-    e2: float
-    center_x: float
-    center_y: float
-
-    def unit_surface_brightness(self, x: NDArray, y: NDArray) -> NDArray:
-        """Surface brightness normalised to a total flux of 1 (per arcsec^2)."""
-        if self.n_sersic is None:
-            return _GAUSSIAN.function(x, y, 1.0, self.r_eff_arcsec, self.center_x, self.center_y)
-        amp = 1.0 / _sersic_total_flux(self.r_eff_arcsec, self.n_sersic)
-        return _SERSIC.function(
-            x,
-            y,
-            amp,
-            self.r_eff_arcsec,
-            self.n_sersic,
-            self.e1,
-            self.e2,
-            self.center_x,
-            self.center_y,
-        )
 
 
 @dataclass
@@ -88,87 +76,17 @@ class Scene:
     contaminants: list[Galaxy]
     lens_model: str
     lens_kwargs: list[dict]
-    psf_fwhm_arcsec: dict[str, float]
+    observation: Observation
     psf_kernels: dict[str, NDArray]
-    exposures: dict[str, float]
-    sky_mag_arcsec2: dict[str, float]
+    point_sources: list[PointSource] = field(default_factory=list)
+    """Unlensed point sources (stars, quasars)."""
+    lensed_quasar: PointSource | None = None
+    """The quasar in the source plane (lensed quasars only); its images are rendered."""
     labels: dict[str, float | int | str] = field(default_factory=dict)
 
-
-def _sersic_total_flux(r_eff: float, n: float) -> float:
-    """Total flux of lenstronomy's Sersic profile with amp=1 (b_n as lenstronomy)."""
-    b_n = 1.9992 * n - 0.3271
-    return 2 * math.pi * n * r_eff**2 * math.exp(b_n) * gamma_function(2 * n) / b_n ** (2 * n)
-
-
-def _pixel_grid(supersampling: int) -> tuple[NDArray, NDArray]:
-    """Sub-pixel centres (arcsec) of the cutout; x grows with column, y with row."""
-    n = CUTOUT_PIXELS * supersampling
-    coords = (np.arange(n) - (n - 1) / 2) * (PIXEL_SCALE_ARCSEC / supersampling)
-    x, y = np.meshgrid(coords, coords)
-    return x.ravel(), y.ravel()
-
-
-def _bin_to_pixels(values: NDArray, supersampling: int) -> NDArray:
-    """Mean surface brightness per pixel times pixel area: flux per pixel."""
-    n = CUTOUT_PIXELS
-    grid = values.reshape(n, supersampling, n, supersampling)
-    return grid.mean(axis=(1, 3)) * PIXEL_SCALE_ARCSEC**2
-
-
-def _ellipticity(
-    rng: np.random.Generator, q_range: tuple[float, float]
-) -> tuple[float, float, float, float]:
-    """(e1, e2, phi, q) for a uniformly oriented ellipse."""
-    q = rng.uniform(*q_range)
-    phi = rng.uniform(0, np.pi)
-    e1, e2 = phi_q2_ellipticity(phi, q)
-    return float(e1), float(e2), float(phi), float(q)
-
-
-def _colour_mags(reference_mag: float, band: str, gr: float, ri: float) -> dict[str, float]:
-    """Per-band magnitudes from a magnitude in ``band`` and g-r, r-i colours."""
-    r = {"g": reference_mag - gr, "r": reference_mag, "i": reference_mag + ri}[band]
-    return {"g": r + gr, "r": r, "i": r - ri}
-
-
-def _draw_observation(rng: np.random.Generator, cfg: SimulationConfig, scene_labels: dict) -> dict:
-    """Seeing, PSF shape, depth and sky per band."""
-    years = rng.uniform(*cfg.survey_years)
-    object_seeing = rng.uniform(*cfg.seeing_scatter_frac)
-    moffat_beta = rng.uniform(*cfg.moffat_beta) if rng.uniform() < cfg.moffat_fraction else None
-    psf_e = rng.uniform(*cfg.psf_ellipticity)
-    psf_angle = rng.uniform(0, np.pi)
-    sky_offset = rng.uniform(*cfg.sky_offset_mag)
-    fwhm, kernels, exposures, sky = {}, {}, {}, {}
-    for band in BANDS:
-        obs = cfg.bands[band]
-        fwhm[band] = obs.seeing_fwhm_arcsec * object_seeing * rng.uniform(0.9, 1.1)
-        kernels[band] = psf_kernel(
-            fwhm_arcsec=fwhm[band],
-            pixel_scale_arcsec=PIXEL_SCALE_ARCSEC,
-            moffat_beta=moffat_beta,
-            ellipticity=psf_e,
-            angle_rad=psf_angle,
-        )
-        exposures[band] = max(1.0, years * obs.exposures_per_year)
-        sky[band] = obs.sky_brightness_mag_arcsec2 + sky_offset
-        scene_labels[f"seeing_fwhm_arcsec_{band}"] = fwhm[band]
-        scene_labels[f"exposures_{band}"] = exposures[band]
-        scene_labels[f"sky_mag_arcsec2_{band}"] = sky[band]
-    scene_labels.update(
-        survey_years=years,
-        psf_moffat_beta=moffat_beta or 0.0,
-        psf_is_moffat=int(moffat_beta is not None),
-        psf_ellipticity=psf_e,
-        psf_angle_rad=psf_angle,
-    )
-    return {
-        "psf_fwhm_arcsec": fwhm,
-        "psf_kernels": kernels,
-        "exposures": exposures,
-        "sky_mag_arcsec2": sky,
-    }
+    @property
+    def psf_fwhm_arcsec(self) -> dict[str, float]:
+        return self.observation.psf_fwhm_arcsec
 
 
 def _draw_deflector(
@@ -176,7 +94,7 @@ def _draw_deflector(
 ) -> tuple[Galaxy, str, list[dict]]:
     """A red early-type galaxy and its mass (SIE or EPL) plus external shear."""
     cx, cy = np.clip(rng.normal(0, cfg.center_sigma_arcsec, 2), -0.35, 0.35)
-    e1, e2, phi, q = _ellipticity(rng, cfg.mass_q)
+    e1, e2, phi, q = ellipticity(rng, cfg.mass_q)
     theta_e = rng.uniform(*cfg.theta_E_arcsec)
     use_epl = rng.uniform() < cfg.power_law_fraction
     gamma = rng.uniform(*cfg.power_law_gamma) if use_epl else 2.0
@@ -191,7 +109,7 @@ def _draw_deflector(
     q_light = float(np.clip(q + rng.normal(0, 0.1), 0.35, 1.0))
     phi_light = phi + np.deg2rad(rng.normal(0, cfg.light_mass_angle_scatter_deg))
     le1, le2 = phi_q2_ellipticity(phi_light, q_light)
-    mags = _colour_mags(
+    mags = colour_mags(
         rng.uniform(*cfg.deflector_mag_i),
         "i",
         rng.uniform(*cfg.deflector_colour_gr),
@@ -229,53 +147,6 @@ def _draw_deflector(
     return light, "EPL" if use_epl else "SIE", lens_kwargs
 
 
-def _draw_blue_galaxy(
-    rng: np.random.Generator,
-    cfg: SimulationConfig,
-    *,
-    center: tuple[float, float],
-    mag_r: float,
-    r_eff: float,
-    q_range: tuple[float, float] = (0.4, 1.0),
-    max_clumps: int = 0,
-    angle: float | None = None,
-) -> list[Galaxy]:
-    """A star-forming galaxy: Sersic body plus Gaussian clumps with bluer colours."""
-    gr, ri = rng.uniform(*cfg.source_colour_gr), rng.uniform(*cfg.source_colour_ri)
-    if angle is None:
-        e1, e2, _, _ = _ellipticity(rng, q_range)
-    else:
-        e1, e2 = phi_q2_ellipticity(angle, rng.uniform(*q_range))
-    n_clumps = int(rng.integers(0, max_clumps + 1))
-    clump_fraction = rng.uniform(0.1, 0.5) if n_clumps else 0.0
-    body_mag = mag_r - 2.5 * np.log10(1.0 - clump_fraction)
-    parts = [
-        Galaxy(
-            _colour_mags(body_mag, "r", gr, ri),
-            r_eff,
-            rng.uniform(*cfg.source_sersic_n),
-            float(e1),
-            float(e2),
-            *center,
-        )
-    ]
-    for _ in range(n_clumps):
-        offset = rng.normal(0, r_eff, 2)
-        clump_mag = mag_r - 2.5 * np.log10(clump_fraction / n_clumps)
-        parts.append(
-            Galaxy(
-                _colour_mags(clump_mag, "r", gr - rng.uniform(0, 0.3), ri - rng.uniform(0, 0.2)),
-                rng.uniform(0.03, 0.15),
-                None,
-                0.0,
-                0.0,
-                center[0] + offset[0],
-                center[1] + offset[1],
-            )
-        )
-    return parts
-
-
 def _draw_source(
     rng: np.random.Generator,
     cfg: SimulationConfig,
@@ -292,173 +163,80 @@ def _draw_source(
     labels.update(
         source_x=position[0], source_y=position[1], source_mag_r=mag_r, source_r_eff_arcsec=r_eff
     )
-    return _draw_blue_galaxy(
+    return draw_blue_galaxy(
         rng, cfg, center=position, mag_r=mag_r, r_eff=r_eff, max_clumps=cfg.source_max_clumps
     )
 
 
-def _polar(rng: np.random.Generator, r_range: tuple[float, float]) -> tuple[float, float, float]:
-    r = rng.uniform(*r_range)
-    a = rng.uniform(0, 2 * np.pi)
-    return r * np.cos(a), r * np.sin(a), a
+def _draw_lensed_quasar(
+    rng: np.random.Generator,
+    cfg: SimulationConfig,
+    theta_e: float,
+    center: tuple[float, float],
+    labels: dict,
+) -> tuple[PointSource, list[Galaxy]]:
+    """A quasar behind the lens (uniform in area) and its star-forming host galaxy.
+
+    A fraction ``lensed_quasar_inner_fraction`` is drawn close to the centre,
+    where the caustic makes quads.
+    """
+    inner = rng.uniform() < cfg.lensed_quasar_inner_fraction
+    max_frac = 0.15 if inner else cfg.lensed_quasar_source_max_frac
+    radius = theta_e * max_frac * np.sqrt(rng.uniform())
+    angle = rng.uniform(0, 2 * np.pi)
+    position = (center[0] + radius * np.cos(angle), center[1] + radius * np.sin(angle))
+    quasar, _, quasar_labels = draw_quasar(
+        rng, cfg, center=position, mag_r=float(rng.uniform(*cfg.quasar_mag_r)), host_probability=0
+    )
+    host_mag_r = quasar_labels["quasar_mag_r"] + rng.uniform(0.5, 3.0)
+    r_eff = rng.uniform(0.1, 0.5)
+    labels.update(
+        quasar_labels,
+        quasar_has_host=1,
+        source_x=position[0],
+        source_y=position[1],
+        source_mag_r=host_mag_r,
+        source_r_eff_arcsec=r_eff,
+    )
+    host = draw_blue_galaxy(rng, cfg, center=position, mag_r=host_mag_r, r_eff=r_eff, max_clumps=3)
+    return quasar, host
 
 
-def _draw_negative_contaminants(
-    rng: np.random.Generator, cfg: SimulationConfig, kind: str, center: tuple[float, float]
-) -> tuple[list[Galaxy], bool]:
-    """Light that mimics lensing features. Returns (galaxies, replaces_deflector)."""
-    galaxies: list[Galaxy] = []
-    if kind == "companions":
-        for _ in range(int(rng.integers(1, 4))):
-            x, y, _ = _polar(rng, (0.8, 3.5))
-            galaxies += _draw_blue_galaxy(
-                rng,
-                cfg,
-                center=(center[0] + x, center[1] + y),
-                mag_r=rng.uniform(20.5, 24.0),
-                r_eff=rng.uniform(0.1, 0.5),
-                max_clumps=2,
-            )
-    elif kind == "tangential":
-        for _ in range(int(rng.integers(1, 3))):
-            x, y, a = _polar(rng, (0.7, 3.2))
-            galaxies += _draw_blue_galaxy(
-                rng,
-                cfg,
-                center=(center[0] + x, center[1] + y),
-                mag_r=rng.uniform(20.0, 23.5),
-                r_eff=rng.uniform(0.3, 1.0),
-                q_range=(0.12, 0.4),
-                angle=a + np.pi / 2,
-                max_clumps=2,
-            )
-    elif kind == "ring":
-        # A collisional ring galaxy: knots on an ellipse around a yellow bulge.
-        radius, q_ring = rng.uniform(1.2, 3.5), rng.uniform(0.5, 1.0)
-        tilt, offset = rng.uniform(0, np.pi), rng.normal(0, 0.3, 2)
-        gr, ri = rng.uniform(0.0, 0.6), rng.uniform(-0.1, 0.3)
-        for a in rng.uniform(0, 2 * np.pi, int(rng.integers(6, 16))):
-            px, py = radius * np.cos(a), radius * q_ring * np.sin(a)
-            cx = center[0] + offset[0] + px * np.cos(tilt) - py * np.sin(tilt)
-            cy = center[1] + offset[1] + px * np.sin(tilt) + py * np.cos(tilt)
-            galaxies.append(
-                Galaxy(
-                    _colour_mags(rng.uniform(23.0, 25.5), "r", gr, ri),
-                    rng.uniform(0.1, 0.35),
-                    None,
-                    0.0,
-                    0.0,
-                    cx,
-                    cy,
-                )
-            )
-    elif kind == "spiral":
-        # Replace the elliptical by a disc galaxy with clumpy logarithmic arms.
-        e1, e2, phi, q = _ellipticity(rng, (0.3, 1.0))
-        mag = rng.uniform(17.5, 20.5)
-        gr, ri = rng.uniform(0.3, 0.9), rng.uniform(0.1, 0.45)
-        r_disc = rng.uniform(0.8, 2.5)
-        galaxies.append(
-            Galaxy(_colour_mags(mag, "r", gr, ri), r_disc, 1.0, float(e1), float(e2), *center)
-        )
-        galaxies.append(
-            Galaxy(
-                _colour_mags(mag + rng.uniform(0.5, 2.0), "r", gr + 0.4, ri + 0.15),
-                rng.uniform(0.2, 0.6),
-                4.0,
-                0.0,
-                0.0,
-                *center,
-            )
-        )
-        pitch, phase = rng.uniform(0.2, 0.5), rng.uniform(0, 2 * np.pi)
-        for arm in range(2):
-            for t in np.linspace(0.0, 2.5, int(rng.integers(4, 9))):
-                r = 0.4 * r_disc * np.exp(pitch * t * 2)
-                a = phase + arm * np.pi + t * 2
-                px, py = r * np.cos(a), r * q * np.sin(a)
-                galaxies.append(
-                    Galaxy(
-                        _colour_mags(mag + rng.uniform(3.0, 5.0), "r", gr - 0.3, ri - 0.1),
-                        rng.uniform(0.08, 0.25),
-                        None,
-                        0.0,
-                        0.0,
-                        center[0] + px * np.cos(phi) - py * np.sin(phi),
-                        center[1] + px * np.sin(phi) + py * np.cos(phi),
-                    )
-                )
-        return galaxies, True
-    elif kind == "merger":
-        x, y, a = _polar(rng, (1.0, 3.0))
-        gr, ri = rng.uniform(0.6, 1.7), rng.uniform(0.3, 0.7)
-        galaxies.append(
-            Galaxy(
-                _colour_mags(rng.uniform(18.5, 21.5), "i", gr, ri),
-                rng.uniform(0.4, 1.5),
-                rng.uniform(1.0, 4.0),
-                *_ellipticity(rng, (0.5, 1.0))[:2],
-                center[0] + x,
-                center[1] + y,
-            )
-        )
-        # A tidal tail: a faint, very elongated, curved-looking pair of blobs.
-        for _ in range(2):
-            tx, ty, _ = _polar(rng, (1.0, 3.5))
-            e1, e2 = phi_q2_ellipticity(a + np.pi / 2 + rng.normal(0, 0.4), rng.uniform(0.1, 0.35))
-            galaxies.append(
-                Galaxy(
-                    _colour_mags(rng.uniform(22.0, 24.5), "r", gr - 0.2, ri - 0.1),
-                    rng.uniform(0.5, 1.5),
-                    0.7,
-                    float(e1),
-                    float(e2),
-                    center[0] + tx,
-                    center[1] + ty,
-                )
-            )
-    return galaxies, False
+def _choose(rng: np.random.Generator, kinds_weights: tuple[tuple[str, float], ...]) -> str:
+    kinds, weights = zip(*kinds_weights, strict=True)
+    return str(rng.choice(kinds, p=np.asarray(weights) / sum(weights)))
 
 
-def _draw_field_galaxies(rng: np.random.Generator, cfg: SimulationConfig) -> list[Galaxy]:
-    """Unrelated faint galaxies anywhere in the cutout."""
-    half = CUTOUT_PIXELS * PIXEL_SCALE_ARCSEC / 2
-    galaxies: list[Galaxy] = []
-    for _ in range(int(rng.poisson(1.0))):
-        x, y = rng.uniform(-half, half, 2)
-        if np.hypot(x, y) < 2.0:
-            continue
-        gr, ri = rng.uniform(0.0, 1.8), rng.uniform(0.0, 0.8)
-        galaxies.append(
-            Galaxy(
-                _colour_mags(rng.uniform(20.0, 25.0), "r", gr, ri),
-                rng.uniform(0.1, 1.0),
-                rng.uniform(0.5, 4.0),
-                *_ellipticity(rng, (0.3, 1.0))[:2],
-                x,
-                y,
-            )
-        )
-    return galaxies
+def draw_scene(
+    rng: np.random.Generator, cfg: SimulationConfig, *, is_lens: bool, kind: str | None = None
+) -> Scene:
+    """Draw one lens or non-lens scene (every parameter drawn ends up in ``labels``).
 
-
-def draw_scene(rng: np.random.Generator, cfg: SimulationConfig, *, is_lens: bool) -> Scene:
-    """Draw one lens or non-lens scene (every parameter drawn ends up in ``labels``)."""
+    ``kind`` forces one of ``cfg.lens_kinds`` (lenses) or ``cfg.negative_kinds``;
+    by default it is drawn with their relative frequencies.
+    """
     labels: dict = {"is_lens": int(is_lens)}
-    observation = _draw_observation(rng, cfg, labels)
+    observation = draw_observation(rng, cfg, labels)
     deflector, lens_model, lens_kwargs = _draw_deflector(rng, cfg, labels)
     center = (lens_kwargs[0]["center_x"], lens_kwargs[0]["center_y"])
     source: list[Galaxy] = []
-    contaminants = _draw_field_galaxies(rng, cfg)
-    if is_lens:
-        kind = "lens"
+    point_sources: list[PointSource] = []
+    lensed_quasar = None
+    contaminants = draw_field_galaxies(rng, cfg)
+    if kind is None:
+        kind = _choose(rng, cfg.lens_kinds if is_lens else cfg.negative_kinds)
+    if kind == "lensed_quasar":
+        lensed_quasar, source = _draw_lensed_quasar(
+            rng, cfg, lens_kwargs[0]["theta_E"], center, labels
+        )
+    elif is_lens:
         source = _draw_source(rng, cfg, lens_kwargs[0]["theta_E"], center, labels)
     else:
-        kinds, weights = zip(*cfg.negative_kinds, strict=True)
-        kind = str(rng.choice(kinds, p=np.asarray(weights) / sum(weights)))
-        extra, replaces = _draw_negative_contaminants(rng, cfg, kind, center)
-        contaminants += extra
-        if replaces:
+        light = draw_negative(rng, cfg, kind, center=center, deflector=deflector)
+        contaminants += light.galaxies
+        point_sources = light.point_sources
+        labels.update(light.labels)
+        if light.replaces_deflector:
             deflector = None
         labels["theta_E"] = float("nan")
     labels["kind"] = kind
@@ -470,59 +248,170 @@ def draw_scene(rng: np.random.Generator, cfg: SimulationConfig, *, is_lens: bool
         contaminants,
         lens_model,
         lens_kwargs,
+        observation,
+        dict(observation.psf_kernels),
+        point_sources,
+        lensed_quasar,
         labels=labels,
-        **observation,
     )
 
 
-def _band_flux_images(
-    galaxies: list[Galaxy], x: NDArray, y: NDArray, supersampling: int
-) -> dict[str, NDArray]:
-    """Noiseless, unconvolved flux per pixel (AB zero point 30) for each band."""
-    images = {band: np.zeros((CUTOUT_PIXELS, CUTOUT_PIXELS)) for band in BANDS}
+def _pixel_grid(supersampling: int, pixels: int) -> tuple[NDArray, NDArray]:
+    """Sub-pixel centres (arcsec) of a ``pixels``-wide cutout; x grows with column, y with row."""
+    n = pixels * supersampling
+    coords = (np.arange(n) - (n - 1) / 2) * (PIXEL_SCALE_ARCSEC / supersampling)
+    x, y = np.meshgrid(coords, coords)
+    return x.ravel(), y.ravel()
+
+
+def _bin_to_pixels(values: NDArray, supersampling: int, pixels: int) -> NDArray:
+    """Mean surface brightness per pixel times pixel area: flux per pixel."""
+    grid = values.reshape(pixels, supersampling, pixels, supersampling)
+    return grid.mean(axis=(1, 3)) * PIXEL_SCALE_ARCSEC**2
+
+
+def _flux(mag: float) -> float:
+    return 10 ** (-0.4 * (mag - OUTPUT_ZERO_POINT_AB))
+
+
+def _convolved_galaxies(
+    galaxies: list[Galaxy], x: NDArray, y: NDArray, scene: Scene, supersampling: int, pixels: int
+) -> NDArray:
+    """PSF-convolved (3, pixels, pixels) flux of ``galaxies`` at (x, y) (ray-traced or not)."""
+    images = np.zeros((len(BANDS), pixels, pixels))
+    if not galaxies:
+        return images
     for galaxy in galaxies:
-        unit = _bin_to_pixels(galaxy.unit_surface_brightness(x, y), supersampling)
-        for band in BANDS:
-            images[band] += unit * 10 ** (-0.4 * (galaxy.mags[band] - OUTPUT_ZERO_POINT_AB))
+        unit = _bin_to_pixels(galaxy.unit_surface_brightness(x, y), supersampling, pixels)
+        for k, band in enumerate(BANDS):
+            images[k] += unit * _flux(galaxy.mags[band])
+    return np.stack(
+        [fftconvolve(images[k], scene.psf_kernels[b], mode="same") for k, b in enumerate(BANDS)]
+    )
+
+
+def _pixel_centres(pixels: int) -> tuple[NDArray, NDArray]:
+    """Pixel centres (arcsec) of a ``pixels``-wide cutout as two (pixels, pixels) arrays."""
+    coords = (np.arange(pixels) - (pixels - 1) / 2) * PIXEL_SCALE_ARCSEC
+    x, y = np.meshgrid(coords, coords)
+    return x, y
+
+
+def _point_source_images(points: list[PointSource], scene: Scene, pixels: int) -> NDArray:
+    """(3, pixels, pixels) flux of point sources: a sub-pixel-centred PSF core, wings and halo."""
+    images = np.zeros((len(BANDS), pixels, pixels))
+    if not points:
+        return images
+    obs = scene.observation
+    half = scene.psf_kernels[BANDS[0]].shape[0] // 2
+    pixel_x, pixel_y = _pixel_centres(pixels)
+    for point in points:
+        col = point.x / PIXEL_SCALE_ARCSEC + (pixels - 1) / 2
+        row = point.y / PIXEL_SCALE_ARCSEC + (pixels - 1) / 2
+        ic, ir = int(round(col)), int(round(row))
+        offset = ((col - ic) * PIXEL_SCALE_ARCSEC, (row - ir) * PIXEL_SCALE_ARCSEC)
+        r0, r1 = max(ir - half, 0), min(ir + half + 1, pixels)
+        c0, c1 = max(ic - half, 0), min(ic + half + 1, pixels)
+        core_fraction = 1.0 - point.wing_fraction - point.halo_fraction
+        for k, band in enumerate(BANDS):
+            flux = _flux(point.mags[band])
+            if r0 < r1 and c0 < c1:
+                kernel = psf_kernel(
+                    fwhm_arcsec=obs.psf_fwhm_arcsec[band],
+                    pixel_scale_arcsec=PIXEL_SCALE_ARCSEC,
+                    moffat_beta=obs.moffat_beta,
+                    ellipticity=obs.psf_ellipticity,
+                    angle_rad=obs.psf_angle_rad,
+                    offset_arcsec=offset,
+                )
+                images[k, r0:r1, c0:c1] += (
+                    core_fraction
+                    * flux
+                    * kernel[r0 - ir + half : r1 - ir + half, c0 - ic + half : c1 - ic + half]
+                )
+            if point.wing_fraction:
+                dx, dy = pixel_x - point.x, pixel_y - point.y
+                images[k] += (
+                    point.wing_fraction
+                    * flux
+                    * moffat_image(
+                        dx,
+                        dy,
+                        fwhm_arcsec=obs.psf_fwhm_arcsec[band] * point.wing_fwhm_factor,
+                        beta=point.wing_beta,
+                        pixel_scale_arcsec=PIXEL_SCALE_ARCSEC,
+                    )
+                )
+                images[k] += (
+                    point.halo_fraction
+                    * flux
+                    * gaussian_image(
+                        dx,
+                        dy,
+                        fwhm_arcsec=point.halo_fwhm_arcsec,
+                        pixel_scale_arcsec=PIXEL_SCALE_ARCSEC,
+                    )
+                )
     return images
 
 
-def render_components(scene: Scene, cfg: SimulationConfig) -> dict[str, NDArray]:
-    """Noiseless, PSF-convolved (3, 64, 64) images of 'deflector', 'source' and 'contaminants'.
+def _lensed_quasar_images(scene: Scene) -> list[PointSource]:
+    """The images of the scene's lensed quasar (solved once per source position)."""
+    quasar = scene.lensed_quasar
+    if quasar is None:
+        return []
+    x, y, magnification = solve_images(
+        scene.lens_model, scene.lens_kwargs, source_xy=(quasar.x, quasar.y)
+    )
+    return image_point_sources(quasar, x=x, y=y, magnification=magnification)
 
-    Fluxes are AB zero point 30. The source is ray-traced through the lens;
-    the other components are not lensed.
-    """
-    x, y = _pixel_grid(cfg.supersampling)
-    components = {}
-    for name, galaxies in (("deflector", scene.deflector), ("contaminants", scene.contaminants)):
-        components[name] = _band_flux_images(galaxies, x, y, cfg.supersampling)
-    if scene.source:
-        beta_x, beta_y = _LENS_MODELS[scene.lens_model].ray_shooting(x, y, scene.lens_kwargs)
-        components["source"] = _band_flux_images(scene.source, beta_x, beta_y, cfg.supersampling)
-    else:
-        components["source"] = {band: np.zeros((CUTOUT_PIXELS, CUTOUT_PIXELS)) for band in BANDS}
+
+def _render_unlensed(scene: Scene, cfg: SimulationConfig, pixels: int) -> dict[str, NDArray]:
+    x, y = _pixel_grid(cfg.supersampling, pixels)
+    ss = cfg.supersampling
     return {
-        name: np.stack([fftconvolve(images[b], scene.psf_kernels[b], mode="same") for b in BANDS])
-        for name, images in components.items()
+        "deflector": _convolved_galaxies(scene.deflector, x, y, scene, ss, pixels),
+        "contaminants": _convolved_galaxies(scene.contaminants, x, y, scene, ss, pixels)
+        + _point_source_images(scene.point_sources, scene, pixels),
     }
 
 
-def _noise_sigma(scene: Scene, cfg: SimulationConfig, signal: NDArray) -> NDArray:
-    """Per-pixel noise (zero point 30 flux) from sky, source shot noise and read noise."""
-    sigmas = []
-    for k, band in enumerate(BANDS):
-        obs = cfg.bands[band]
-        to_electrons_per_s = 10 ** (-0.4 * (OUTPUT_ZERO_POINT_AB - obs.magnitude_zero_point))
-        exposure_s = scene.exposures[band] * obs.exposure_time_s
-        sky_rate = (
-            10 ** (-0.4 * (scene.sky_mag_arcsec2[band] - obs.magnitude_zero_point))
-            * PIXEL_SCALE_ARCSEC**2
-        )
-        electrons = (np.clip(signal[k], 0, None) * to_electrons_per_s + sky_rate) * exposure_s
-        variance = electrons + scene.exposures[band] * obs.read_noise_electrons**2
-        sigmas.append(np.sqrt(variance) / exposure_s / to_electrons_per_s)
-    return np.stack(sigmas)
+def _ray_traced_grid(scene: Scene, cfg: SimulationConfig, pixels: int) -> tuple[NDArray, NDArray]:
+    """Source-plane positions of the sub-pixel grid (depends on the mass only)."""
+    x, y = _pixel_grid(cfg.supersampling, pixels)
+    return _LENS_MODELS[scene.lens_model].ray_shooting(x, y, scene.lens_kwargs)
+
+
+def _render_source(
+    scene: Scene,
+    cfg: SimulationConfig,
+    quasar_images: list[PointSource],
+    source_grid: tuple[NDArray, NDArray],
+    pixels: int,
+) -> NDArray:
+    if not scene.source and not quasar_images:
+        return np.zeros((len(BANDS), pixels, pixels))
+    return _convolved_galaxies(
+        scene.source, *source_grid, scene, cfg.supersampling, pixels
+    ) + _point_source_images(quasar_images, scene, pixels)
+
+
+def render_components(
+    scene: Scene, cfg: SimulationConfig, *, pixels: int = CUTOUT_PIXELS
+) -> dict[str, NDArray]:
+    """Noiseless, PSF-convolved (3, pixels, pixels) images of 'deflector', 'source', 'contaminants'.
+
+    Fluxes are AB zero point 30. The source (galaxy and, for lensed quasars,
+    the quasar's images) is ray-traced through the lens; stars, quasars and
+    other galaxies are in 'contaminants' and are not lensed. ``pixels`` other
+    than 64 renders the same scene on a larger (or smaller) grid about the
+    same centre.
+    """
+    components = _render_unlensed(scene, cfg, pixels)
+    components["source"] = _render_source(
+        scene, cfg, _lensed_quasar_images(scene), _ray_traced_grid(scene, cfg, pixels), pixels
+    )
+    return components
 
 
 def arc_snr(source: NDArray, sigma: NDArray) -> float:
@@ -546,41 +435,115 @@ def _resolved(scene: Scene, cfg: SimulationConfig) -> bool:
     return theta_e**2 > source_size**2 + (scene.psf_fwhm_arcsec["r"] / 2) ** 2
 
 
-def simulate_cutout(
-    rng: np.random.Generator, cfg: SimulationConfig, *, is_lens: bool
-) -> tuple[NDArray[np.float32], dict]:
-    """One noisy (3, 64, 64) float32 cutout and its label row.
+def _saturate(rng: np.random.Generator, cfg: SimulationConfig, signal: NDArray) -> bool:
+    """Clip pixels above a saturation level in place, bleeding the excess along the column.
 
-    Lenses failing the visibility rule get a new source (up to 30 times) and
+    Returns whether any pixel saturated.
+    """
+    level = rng.uniform(*cfg.saturation_flux)
+    saturated = False
+    for band in signal:
+        over = band > level
+        if not over.any():
+            continue
+        saturated = True
+        excess = float(np.sum(band[over] - level))
+        row, col = np.unravel_index(np.argmax(band), band.shape)
+        band[over] = level
+        length = int(excess / level)
+        band[max(row - length // 2, 0) : row + length // 2 + 1, col] = level
+    return saturated
+
+
+def _check_lens(
+    scene: Scene, cfg: SimulationConfig, source: NDArray, sigma: NDArray, images: list
+) -> bool:
+    """Apply the visibility rule of the scene's kind and record its numbers in the labels."""
+    snr = arc_snr(source, sigma)
+    if scene.kind == "lensed_quasar":
+        visible, separation = images_visible(images, scene.observation, cfg=cfg)
+        unlensed = _flux(scene.lensed_quasar.mags["r"])
+        magnification = float(sum(_flux(im.mags["r"]) for im in images) / unlensed)
+        scene.labels.update(
+            arc_snr=snr,
+            magnification=magnification,
+            n_images=len(images),
+            image_separation_arcsec=separation,
+        )
+        return visible
+    unlensed = sum(_flux(g.mags["r"]) for g in scene.source)
+    magnification = float(source[1].sum() / unlensed)
+    scene.labels.update(arc_snr=snr, magnification=magnification)
+    return (
+        snr >= cfg.min_arc_snr and magnification >= cfg.min_magnification and _resolved(scene, cfg)
+    )
+
+
+def _redraw_source(rng: np.random.Generator, cfg: SimulationConfig, scene: Scene) -> None:
+    center = (scene.lens_kwargs[0]["center_x"], scene.lens_kwargs[0]["center_y"])
+    theta_e = scene.lens_kwargs[0]["theta_E"]
+    if scene.kind == "lensed_quasar":
+        scene.lensed_quasar, scene.source = _draw_lensed_quasar(
+            rng, cfg, theta_e, center, scene.labels
+        )
+    else:
+        scene.source = _draw_source(rng, cfg, theta_e, center, scene.labels)
+
+
+def simulate_cutout(
+    rng: np.random.Generator,
+    cfg: SimulationConfig,
+    *,
+    is_lens: bool,
+    kind: str | None = None,
+    pixels: int = CUTOUT_PIXELS,
+) -> tuple[NDArray[np.float32], dict]:
+    """One noisy (3, pixels, pixels) float32 cutout and its label row.
+
+    Lenses failing their visibility rule get a new source (up to 30 times) and
     then a new scene, so every returned lens is one a survey would see.
+    Artefacts come last; masked pixels are NaN. ``kind`` forces a kind (see
+    :func:`draw_scene`). Scenes are drawn for a 64-pixel cutout whatever
+    ``pixels`` is (field galaxies fall within its 64 x 64 centre); a larger
+    ``pixels`` renders the scene about the same centre, the visibility rule is
+    applied to the whole grid and artefacts scale with it.
     """
     while True:
-        scene = draw_scene(rng, cfg, is_lens=is_lens)
+        scene = draw_scene(rng, cfg, is_lens=is_lens, kind=kind)
+        unlensed = _render_unlensed(scene, cfg, pixels)
+        # The mass stays while sources are redrawn: ray-trace the grid once.
+        source_grid = (
+            _ray_traced_grid(scene, cfg, pixels) if is_lens else (np.zeros(0), np.zeros(0))
+        )
         for _ in range(_MAX_SOURCE_REDRAWS if is_lens else 1):
-            components = render_components(scene, cfg)
-            signal = components["deflector"] + components["source"] + components["contaminants"]
-            sigma = _noise_sigma(scene, cfg, signal)
-            if not is_lens:
+            images = _lensed_quasar_images(scene)
+            source = _render_source(scene, cfg, images, source_grid, pixels)
+            signal = unlensed["deflector"] + unlensed["contaminants"] + source
+            sigma = noise_sigma(scene.observation, signal)
+            if not is_lens or _check_lens(scene, cfg, source, sigma, images):
                 break
-            snr = arc_snr(components["source"], sigma)
-            unlensed = sum(
-                10 ** (-0.4 * (g.mags["r"] - OUTPUT_ZERO_POINT_AB)) for g in scene.source
-            )
-            magnification = float(components["source"][1].sum() / unlensed)
-            scene.labels.update(arc_snr=snr, magnification=magnification)
-            if (
-                snr >= cfg.min_arc_snr
-                and magnification >= cfg.min_magnification
-                and _resolved(scene, cfg)
-            ):
-                break
-            center = (scene.lens_kwargs[0]["center_x"], scene.lens_kwargs[0]["center_y"])
-            scene.source = _draw_source(
-                rng, cfg, scene.lens_kwargs[0]["theta_E"], center, scene.labels
-            )
+            _redraw_source(rng, cfg, scene)
         else:
             continue
-        image = signal + sigma * rng.standard_normal(signal.shape)
+        saturated = _saturate(rng, cfg, signal)
+        if saturated:
+            sigma = noise_sigma(scene.observation, signal)
+        artefacts = draw_artefact_kinds(rng, cfg)
+        noise = (
+            correlated_noise(rng, signal.shape)
+            if "correlated_noise" in artefacts
+            else rng.standard_normal(signal.shape)
+        )
+        image = signal + sigma * noise
+        sky_sigma = np.array([scene.observation.sky_sigma[b] for b in BANDS])
+        apply_artefacts(
+            rng, image, artefacts, sky_sigma=sky_sigma, fwhm_arcsec=scene.psf_fwhm_arcsec["r"]
+        )
+        scene.labels.update(
+            saturated=int(saturated),
+            artefacts="+".join(artefacts) if artefacts else NO_ARTEFACTS,
+            masked_fraction=float(np.mean(~np.isfinite(image))),
+        )
         scene.labels.setdefault("arc_snr", 0.0)
         scene.labels.setdefault("magnification", 1.0)
         return image.astype(np.float32), scene.labels

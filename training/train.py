@@ -140,31 +140,55 @@ def train_classifier(
     model = build_lens_classifier(model_config)
     if initial_trunk is not None:
         model.get_layer("lens_classifier_trunk").set_weights(initial_trunk.get_weights())
+    fit_classifier(
+        model,
+        train,
+        valid,
+        config,
+        epochs=config.classifier_epochs,
+        peak_learning_rate=config.classifier_learning_rate,
+        seed=config.seed,
+    )
+    return model
+
+
+def fit_classifier(
+    model: keras.Model,
+    train: Split,
+    valid: Split,
+    config: TrainingConfig,
+    *,
+    epochs: int,
+    peak_learning_rate: float,
+    seed: int,
+    ema_momentum: float | None = None,
+) -> keras.callbacks.History:
+    """Fit a classifier (new or resumed) on augmented cutouts; the schedule of ``_optimizer``."""
     batches = AugmentedBatches(
         train.images,
         train.parameters,
         train.is_lens[:, None],
         batch_size=config.batch_size,
-        seed=config.seed,
+        seed=seed,
         workers=config.loader_workers,
     )
     model.compile(
         optimizer=_optimizer(
-            config.classifier_learning_rate,
+            peak_learning_rate,
             steps_per_epoch=len(batches),
-            epochs=config.classifier_epochs,
+            epochs=epochs,
             warmup_epochs=config.warmup_epochs,
+            ema_momentum=ema_momentum,
         ),
         loss="binary_crossentropy",
         metrics=[keras.metrics.AUC(name="auroc")],
     )
-    model.fit(
+    return model.fit(
         batches,
-        epochs=config.classifier_epochs,
+        epochs=epochs,
         verbose=2,
         validation_data=(valid.images, valid.is_lens[:, None]),
     )
-    return model
 
 
 def train_regressor(

@@ -20,7 +20,7 @@ Endpoints
     ``/v2/...``            Open Inference Protocol v2 (:mod:`.oip_v2`).
 
 Everything under ``/v1`` and ``/v2`` passes the guards of :mod:`.guards`
-(API keys when configured, admission limit, deadline, disconnects); SIGTERM
+(API keys when configured, admission by work, deadline, disconnects); SIGTERM
 drains the process (:mod:`.draining`).
 """
 
@@ -28,7 +28,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
@@ -39,12 +39,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.api.demo import create_demo_router
 from service.api.draining import drain_on_sigterm
 from service.api.errors import ERROR_RESPONSES, install_error_handlers
-from service.api.guards import Admission
+from service.api.guards import ADMISSION_TICKET_KEY, Admission, AdmissionTicket
 from service.api.metrics import Metrics
 from service.api.middleware import install_middlewares
 from service.api.oip_v2 import create_oip_v2_router
-from service.api.uploads import PREDICT_REQUEST_BODY, read_uploads
-from service.core.decode_pool import DecodePool
+from service.api.uploads import PREDICT_REQUEST_BODY, band_uploads, read_uploads
+from service.core.decode_pool import DecodePool, band_group_name
 from service.core.inference import CutoutOutcome, InferenceEngine, PreparedCutout
 from service.core.runtime import MAX_SEED, OnnxModelRuntime, available_providers
 from service.errors import LensServeError, ModelUnavailableError, OverloadedError
@@ -251,19 +251,32 @@ def _predict_cutouts_endpoint(state: _AppState) -> Callable[..., Awaitable[Respo
             ),
         ] = False,
     ) -> Response:
-        """Answer one result per file, in order.
+        """Answer one result per file, in order; one object sent as one file per band
+        (multipart fields `g`, `r`, `i`) gets one result.
 
         In a request with several files, a file that cannot be used gets an
         `error` in its result and the others are answered; a request with one
-        file that cannot be used is answered with a 4xx error.
+        file (or one object) that cannot be used is answered with a 4xx error.
         """
         state.require_ready()
+        spec = state.runtime.models.input
         uploads = await read_uploads(
-            request, max_body_bytes=settings.max_body_bytes, max_files=settings.max_files
+            request,
+            max_body_bytes=settings.max_body_bytes,
+            max_files=settings.max_files,
+            band_fields=spec.bands,
         )
-        outcomes: list[CutoutOutcome | PreparedCutout] = list(
-            await state.decode_pool.prepare(uploads, spec=state.runtime.models.input)
-        )
+        per_band = band_uploads(uploads, spec.bands)
+        ticket = request.scope.get(ADMISSION_TICKET_KEY)
+        if isinstance(ticket, AdmissionTicket):
+            # Admitted on an estimate from Content-Length; one object per band group.
+            ticket.correct(1 if per_band is not None else len(uploads))
+        outcomes: list[CutoutOutcome | PreparedCutout]
+        if per_band is not None:
+            outcomes = [await state.decode_pool.prepare_bands(per_band, spec=spec)]
+            uploads = [replace(per_band[0], filename=band_group_name(per_band), band=None)]
+        else:
+            outcomes = list(await state.decode_pool.prepare(uploads, spec=spec))
         if len(outcomes) == 1 and isinstance(outcomes[0], LensServeError):
             raise outcomes[0]
         prepared = [o for o in outcomes if isinstance(o, PreparedCutout)]
@@ -365,10 +378,20 @@ def _build_state(settings: Settings, runtime: OnnxModelRuntime | None) -> _AppSt
             limits=settings.fits_limits,
         ),
         metrics=metrics,
-        admission=Admission(limit=settings.max_concurrent_requests),
+        admission=Admission(
+            max_queue_wait_s=settings.max_queue_wait_s,
+            seconds_per_cutout=lambda: engine.seconds_per_cutout,
+            max_body_bytes_in_flight=settings.max_body_bytes_in_flight,
+            unknown_body_bytes=settings.max_body_bytes,
+            max_requests=settings.max_concurrent_requests,
+            retry_after_s=settings.overload_retry_after_s,
+            on_refusal=metrics.count_refusal,
+        ),
     )
     metrics.queued.set_function(lambda: engine.queued_cutouts)
     metrics.in_flight.set_function(lambda: state.admission.active)
+    metrics.admitted_cutouts.set_function(lambda: state.admission.cutouts)
+    metrics.expected_wait.set_function(state.admission.expected_wait_s)
     return state
 
 

@@ -4,12 +4,13 @@ The page (``service/api/static/``: plain HTML, JS and CSS, nothing fetched from
 elsewhere) posts files to ``/v1/predict`` and draws each cutout from
 ``POST /v1/cutout``, which answers the g, r, i pixels exactly as the service
 decoded them for the models (any accepted layout: cubes, one HDU per band,
-tile-compressed, scaled integers, gzip; larger images centre-cropped). The
+one file per band, tile-compressed, scaled integers, gzip; larger images
+centre-cropped). The
 colour composite is therefore of the pixels the models saw, and the browser
 needs no FITS reader.
 """
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,9 +20,17 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from service.api.uploads import read_capped_body
+from service.api.uploads import (
+    MULTIPART_MEDIA_TYPE,
+    band_uploads,
+    read_capped_body,
+    read_uploads,
+)
 from service.contract.cards import InputSpec, ModelSet
-from service.core.inference import decode_for_input
+from service.core.decode_pool import band_group_name
+from service.core.inference import decode_band_files_for_input, decode_for_input
+from service.errors import InvalidRequestError
+from service.fits.decode import BandFile, DecodedCutout
 from service.fits.raw import RAW_FITS_MEDIA_TYPES, FitsLimits
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -48,7 +57,18 @@ def decode_pixels(
     data: bytes, *, filename: str, spec: InputSpec, limits: FitsLimits
 ) -> CutoutPixels:
     """Decode one FITS file as the models' input does, without preprocessing it."""
-    decoded = decode_for_input(data, spec=spec, limits=limits)
+    return _cutout_pixels(decode_for_input(data, spec=spec, limits=limits), filename, spec)
+
+
+def decode_band_pixels(
+    files: Mapping[str, BandFile], *, filename: str, spec: InputSpec, limits: FitsLimits
+) -> CutoutPixels:
+    """Decode one object sent as one file per band as the models' input does."""
+    decoded = decode_band_files_for_input(files, spec=spec, limits=limits)
+    return _cutout_pixels(decoded, filename, spec)
+
+
+def _cutout_pixels(decoded: DecodedCutout, filename: str, spec: InputSpec) -> CutoutPixels:
     pixels = decoded.pixels.astype(object)
     # JSON has no NaN: masked pixels travel as null.
     pixels[~np.isfinite(decoded.pixels)] = None
@@ -111,8 +131,17 @@ def create_demo_router(
             "requestBody": {
                 "required": True,
                 "content": {
-                    media: {"schema": {"type": "string", "format": "binary"}}
-                    for media in RAW_FITS_MEDIA_TYPES
+                    **{
+                        media: {"schema": {"type": "string", "format": "binary"}}
+                        for media in RAW_FITS_MEDIA_TYPES
+                    },
+                    MULTIPART_MEDIA_TYPE: {
+                        "schema": {
+                            "type": "object",
+                            "description": "One object as one file per band, in fields "
+                            "named after the model's bands (g, r, i), or one file in `files`.",
+                        }
+                    },
                 },
             }
         },
@@ -121,17 +150,48 @@ def create_demo_router(
         request: Request,
         x_filename: Annotated[str | None, Header(description="Name reported back.")] = None,
     ) -> CutoutPixels:
-        """The g, r, i pixels of one FITS file (raw body) as decoded for the models.
+        """The g, r, i pixels of one FITS file (raw body), or of one object sent as one
+        file per band (multipart fields `g`, `r`, `i`), as decoded for the models.
 
         The demo page draws its colour composite from these; no prediction is made.
         """
         require_ready()
-        data = await read_capped_body(request, max_body_bytes)
+        spec = models().input
+        media = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if media != MULTIPART_MEDIA_TYPE:
+            data = await read_capped_body(request, max_body_bytes)
+            return await run_decode(
+                partial(
+                    decode_pixels, data, filename=x_filename or "body", spec=spec, limits=limits
+                )
+            )
+        uploads = await read_uploads(
+            request,
+            max_body_bytes=max_body_bytes,
+            max_files=len(spec.bands),
+            band_fields=spec.bands,
+        )
+        per_band = band_uploads(uploads, spec.bands)
+        if per_band is None:
+            if len(uploads) != 1:
+                raise InvalidRequestError(
+                    f"got {len(uploads)} files; /v1/cutout draws one object: one file, or one "
+                    f"file per band ({', '.join(spec.bands)})"
+                )
+            (upload,) = uploads
+            call = partial(
+                decode_pixels, upload.data, filename=upload.filename, spec=spec, limits=limits
+            )
+            return await run_decode(call)
+        files = {
+            upload.band or "": BandFile(upload.data, upload.filename, upload.content_encoding)
+            for upload in per_band
+        }
         call = partial(
-            decode_pixels,
-            data,
-            filename=x_filename or "body",
-            spec=models().input,
+            decode_band_pixels,
+            files,
+            filename=band_group_name(per_band),
+            spec=spec,
             limits=limits,
         )
         return await run_decode(call)

@@ -105,6 +105,12 @@ def service_error_response(
         Value of ``Retry-After`` on an ``overloaded`` answer (seconds).
     """
     metrics.errors.labels(code=exc.code).inc()
+    return render_service_error(exc, retry_after_s=retry_after_s)
+
+
+def render_service_error(exc: LensServeError, *, retry_after_s: int) -> JSONResponse:
+    """:func:`service_error_response` without counting: for answers rendered once and
+    replayed, whose every use the caller counts."""
     headers = {}
     if isinstance(exc, OverloadedError):
         headers["Retry-After"] = str(retry_after_s)

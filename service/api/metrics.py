@@ -10,7 +10,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from service.api.guards import REFUSAL_REASONS
 from service.core.batching import BatchStats
+from service.errors import OverloadedError
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -77,6 +79,35 @@ class Metrics:
             "POST requests under /v1 and /v2 being handled (requests).",
             registry=self.registry,
         )
+        self.admitted_cutouts = Gauge(
+            "lensserve_admitted_cutouts",
+            "Cutouts of the admitted requests not yet answered, estimated from Content-Length "
+            "until their body is read (cutouts).",
+            registry=self.registry,
+        )
+        self.expected_wait = Gauge(
+            "lensserve_expected_queue_wait_seconds",
+            "Admitted cutouts times the measured service time per cutout: what admission "
+            "compares with LENSSERVE_MAX_QUEUE_WAIT_S (seconds).",
+            registry=self.registry,
+        )
+        self.refusals = Counter(
+            "lensserve_admission_refusals",
+            "POST requests refused with 503 before their body was read, by reason: "
+            "queue_wait, body_bytes, requests.",
+            ["reason"],
+            registry=self.registry,
+        )
+        # Bound once: a refusal then costs two counter increments, no label lookup.
+        self._refusal_counters = {
+            reason: self.refusals.labels(reason=reason) for reason in REFUSAL_REASONS
+        }
+        self._overloaded_errors = self.errors.labels(code=OverloadedError.code)
+
+    def count_refusal(self, reason: str) -> None:
+        """Count one admission refusal (``reason`` one of ``REFUSAL_REASONS``)."""
+        self._refusal_counters[reason].inc()
+        self._overloaded_errors.inc()
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)

@@ -5,7 +5,7 @@ client can make it buffer more than the configured limit, whether the body
 declares its length or not.
 """
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import Request
@@ -13,7 +13,12 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.core.decode_pool import Upload
-from service.errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
+from service.errors import (
+    BandMismatchError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
 from service.fits.raw import RAW_FITS_MEDIA_TYPES
 
 MULTIPART_MEDIA_TYPE = "multipart/form-data"
@@ -27,7 +32,9 @@ PREDICT_REQUEST_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "description": "One FITS file as the raw body (optionally gzip-compressed, or sent "
-        "with `Content-Encoding: gzip`), or several in the multipart field `files`.",
+        "with `Content-Encoding: gzip`), or several in the multipart field `files`, or one "
+        "object as one file per band in the multipart fields named after the model's bands "
+        "(`g`, `r`, `i`), answered as one result.",
         "content": {
             **{
                 media: {"schema": {"type": "string", "format": "binary"}}
@@ -42,7 +49,16 @@ PREDICT_REQUEST_BODY: dict[str, Any] = {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
                             "description": "FITS cutouts (g, r, i); answered in this order.",
-                        }
+                        },
+                        **{
+                            band: {
+                                "type": "string",
+                                "format": "binary",
+                                "description": f"The {band}-band file of one object "
+                                "(instead of `files`).",
+                            }
+                            for band in ("g", "r", "i")
+                        },
                     },
                 }
             },
@@ -84,8 +100,15 @@ async def read_capped_body(request: Request, limit_bytes: int) -> bytes:
     return b"".join([chunk async for chunk in stream_capped_body(request, limit_bytes)])
 
 
-async def read_uploads(request: Request, *, max_body_bytes: int, max_files: int) -> list[Upload]:
-    """The files of a request: one raw FITS body, or the ``files`` of a multipart form.
+async def read_uploads(
+    request: Request,
+    *,
+    max_body_bytes: int,
+    max_files: int,
+    band_fields: Sequence[str] = (),
+) -> list[Upload]:
+    """The files of a request: one raw FITS body, or the ``files`` of a multipart form, or
+    its per-band files (``Upload.band`` set), in the order received.
 
     Parameters
     ----------
@@ -95,13 +118,20 @@ async def read_uploads(request: Request, *, max_body_bytes: int, max_files: int)
         Largest body accepted, counted while it streams in (bytes).
     max_files : int
         Most files in a multipart form (files).
+    band_fields : sequence of str
+        The model's bands: multipart fields of these names carry one object's per-band
+        files (see :func:`band_uploads`).
     """
     header = request.headers.get("content-type") or RAW_FITS_MEDIA_TYPES[-1]
     media_type, options = parse_options_header(header)
     media = media_type.decode("latin-1").lower()
     if media == MULTIPART_MEDIA_TYPE:
         return await _read_multipart(
-            request, options, max_body_bytes=max_body_bytes, max_files=max_files
+            request,
+            options,
+            max_body_bytes=max_body_bytes,
+            max_files=max_files,
+            band_fields=tuple(band_fields),
         )
     if media in RAW_FITS_MEDIA_TYPES:
         return await _read_raw_body(request, max_body_bytes=max_body_bytes)
@@ -143,8 +173,10 @@ async def _read_raw_body(request: Request, *, max_body_bytes: int) -> list[Uploa
 class _MultipartCollector:
     """Callbacks for python-multipart that keep each part of field ``files`` in memory."""
 
-    def __init__(self, max_files: int) -> None:
+    def __init__(self, max_files: int, band_fields: tuple[str, ...] = ()) -> None:
         self.max_files = max_files
+        self.band_fields = band_fields
+        self._field = FILES_FIELD
         self.uploads: list[Upload] = []
         self.ended = False
         self._header_field = bytearray()
@@ -183,11 +215,13 @@ class _MultipartCollector:
     def _headers_finished(self) -> None:
         _, options = parse_options_header(self._headers.get("content-disposition"))
         field_name = options.get(b"name", b"").decode("utf-8", "replace")
-        if field_name != FILES_FIELD:
+        if field_name != FILES_FIELD and field_name not in self.band_fields:
+            bands = f", or one object's files in {', '.join(map(repr, self.band_fields))}"
             raise InvalidRequestError(
                 f"got a form field named {field_name!r}; send FITS files in the field "
-                f"{FILES_FIELD!r}"
+                f"{FILES_FIELD!r}{bands if self.band_fields else ''}"
             )
+        self._field = field_name
         if len(self.uploads) >= self.max_files:
             raise PayloadTooLargeError(
                 f"got more than {self.max_files} files; at most {self.max_files} are accepted "
@@ -200,11 +234,13 @@ class _MultipartCollector:
     def _part_end(self) -> None:
         filename = _content_disposition_filename(self._headers.get("content-disposition"))
         encoding = self._headers.get("content-encoding", "").strip().lower()
+        band = None if self._field == FILES_FIELD else self._field
         self.uploads.append(
             Upload(
-                filename=filename or f"{FILES_FIELD}[{len(self.uploads)}]",
+                filename=filename or (band or f"{FILES_FIELD}[{len(self.uploads)}]"),
                 data=b"".join(self._chunks),
                 content_encoding="gzip" if encoding in ("gzip", "x-gzip") else None,
+                band=band,
             )
         )
         self._chunks = []
@@ -214,7 +250,12 @@ class _MultipartCollector:
 
 
 async def _read_multipart(
-    request: Request, options: dict[bytes, bytes], *, max_body_bytes: int, max_files: int
+    request: Request,
+    options: dict[bytes, bytes],
+    *,
+    max_body_bytes: int,
+    max_files: int,
+    band_fields: tuple[str, ...] = (),
 ) -> list[Upload]:
     """Parse a multipart body while it streams in, under the body-size limit."""
     if request.headers.get("content-encoding", "identity").strip().lower() != "identity":
@@ -224,7 +265,7 @@ async def _read_multipart(
     boundary = options.get(b"boundary")
     if not boundary:
         raise InvalidRequestError("the multipart/form-data Content-Type has no boundary")
-    collector = _MultipartCollector(max_files)
+    collector = _MultipartCollector(max_files, band_fields)
     try:
         parser = MultipartParser(boundary, collector.callbacks())  # type: ignore[arg-type]
         async for chunk in stream_capped_body(request, max_body_bytes):
@@ -237,3 +278,40 @@ async def _read_multipart(
     if not collector.uploads:
         raise InvalidRequestError(f"the form holds no file in the field {FILES_FIELD!r}")
     return collector.uploads
+
+
+def band_uploads(uploads: Sequence[Upload], bands: Sequence[str]) -> list[Upload] | None:
+    """One object's per-band files in the order of ``bands``; None when the request sends
+    whole files only.
+
+    Raises
+    ------
+    BandMismatchError
+        Whole files and per-band files in one request, or a band missing or sent twice.
+    """
+    by_band = [upload for upload in uploads if upload.band is not None]
+    if not by_band:
+        return None
+    whole = [upload.filename for upload in uploads if upload.band is None]
+    sent = [upload.band for upload in by_band]
+    if whole:
+        raise BandMismatchError(
+            f"got files in {FILES_FIELD!r} ({', '.join(whole)}) and per-band files "
+            f"({', '.join(f'{u.band}: {u.filename}' for u in by_band)}) in one request; send "
+            f"either whole objects in {FILES_FIELD!r} or one object as one file per band "
+            f"({', '.join(bands)})"
+        )
+    twice = sorted({band for band in sent if sent.count(band) > 1})
+    if twice:
+        names = ", ".join(f"{u.band}: {u.filename}" for u in by_band if u.band in twice)
+        raise BandMismatchError(
+            f"got band {', '.join(twice)} twice ({names}); send one file per band "
+            f"({', '.join(bands)})"
+        )
+    missing = [band for band in bands if band not in sent]
+    if missing:
+        raise BandMismatchError(
+            f"got per-band files for {', '.join(b for b in bands if b in sent)}; the model "
+            f"needs one for each of {', '.join(bands)} (missing {', '.join(missing)})"
+        )
+    return sorted(by_band, key=lambda upload: list(bands).index(upload.band or ""))

@@ -6,6 +6,12 @@ decoding, models and result building on a worker that keeps its sessions.
 This module is the client side: it keeps a bounded number of tasks in flight,
 writes each finished partition, and merges them into the output table.
 
+One file per band
+    With ``group_bands`` (``--group-bands``), files named by the pattern
+    (``{stem}_{band}.fits[.gz]``, :mod:`service.fits.band_files`) are grouped
+    into objects; each object is one item of a partition and one row, keyed by
+    its folder and stem, and the files matching no pattern stay whole objects.
+
 Resuming
     The client writes each finished partition to ``<out>.parts/part-NNNNNN.parquet``
     next to a manifest of the run (inputs, partition size, samples, seed). Run
@@ -43,8 +49,16 @@ from tqdm import tqdm
 
 from service.batch import table as batch_table
 from service.batch.inputs import resolve_inputs
-from service.batch.worker import PartitionResult, WorkerConfig, result_rows, score_partition
+from service.batch.worker import (
+    BatchItem,
+    PartitionResult,
+    WorkerConfig,
+    item_path,
+    result_rows,
+    score_partition,
+)
 from service.errors import InferenceError, InvalidBatchInputError, LensServeError
+from service.fits.band_files import BandGroup, group_band_files
 
 logger = logging.getLogger("lensserve.batch")
 
@@ -66,9 +80,9 @@ class RunManifest:
 
     @classmethod
     def for_run(
-        cls, paths: Sequence[str], *, partition_size: int, config: WorkerConfig
+        cls, paths: Sequence[BatchItem], *, partition_size: int, config: WorkerConfig
     ) -> RunManifest:
-        digest = hashlib.sha256("\n".join(paths).encode()).hexdigest()
+        digest = hashlib.sha256("\n".join(map(_manifest_line, paths)).encode()).hexdigest()
         return cls(digest, len(paths), partition_size, config.num_samples, config.seed)
 
 
@@ -81,6 +95,13 @@ class BatchSummary:
     partitions_scored: int
     partitions_resumed: int
     partitions_failed: int
+
+
+def _manifest_line(item: BatchItem) -> str:
+    """A file's path; a band group's name and its files (a plain run's lines are unchanged)."""
+    if isinstance(item, BandGroup):
+        return "\t".join([item.name, *(f"{band}={path}" for band, path in item.files)])
+    return item
 
 
 def parts_dir_for(out: Path) -> Path:
@@ -136,7 +157,7 @@ def dask_client(scheduler: str | None, *, n_workers: int) -> Iterator[Client]:
         yield client
 
 
-def _failed_rows(paths: Sequence[str], exc: BaseException) -> list[dict[str, Any]]:
+def _failed_rows(paths: Sequence[BatchItem], exc: BaseException) -> list[dict[str, Any]]:
     """Rows for the files of a failed task: its own service error, or inference_failed."""
     error = (
         exc
@@ -150,7 +171,7 @@ def _failed_rows(paths: Sequence[str], exc: BaseException) -> list[dict[str, Any
 
 def _score_all(
     client: Client,
-    partitions: dict[int, list[str]],
+    partitions: dict[int, list[BatchItem]],
     *,
     config: WorkerConfig,
     parts_dir: Path,
@@ -231,6 +252,8 @@ def run_batch(
     n_workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    group_bands: str | None = None,
+    bands: Sequence[str] = ("g", "r", "i"),
 ) -> BatchSummary:
     """Score every input file on Dask and write one table row per file.
 
@@ -253,6 +276,12 @@ def run_batch(
         Replace an existing ``out`` (an unfinished run is always resumed).
     progress : bool
         Show a progress bar on stderr, in files.
+    group_bands : str or None
+        A name pattern such as ``{stem}_{band}.fits[.gz]`` (:mod:`service.fits.band_files`)
+        that groups the files into objects of one file per band, one row each; None
+        scores each file as a whole object.
+    bands : sequence of str
+        With ``group_bands``, the bands of an object (the models' bands).
 
     Raises
     ------
@@ -261,7 +290,12 @@ def run_batch(
         another run.
     """
     batch_table.table_format(out)  # refuse an unknown ending before any work
-    paths = resolve_inputs(inputs)
+    paths: list[BatchItem] = list(resolve_inputs(inputs))
+    if group_bands is not None:
+        try:
+            paths = group_band_files(map(item_path, paths), bands=bands, pattern=group_bands)
+        except ValueError as exc:
+            raise InvalidBatchInputError(str(exc)) from exc
     manifest = RunManifest.for_run(paths, partition_size=partition_size, config=config)
     parts_dir, done = _open_parts_dir(out, manifest, overwrite=overwrite)
     count = _partition_count(manifest)

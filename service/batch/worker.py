@@ -20,13 +20,34 @@ from pathlib import Path
 from typing import Any
 
 from service.batch.table import flatten_result
-from service.core.inference import CutoutOutcome, PreparedCutout, predict_chunk, prepare_cutout
+from service.core.inference import (
+    CutoutOutcome,
+    PreparedCutout,
+    predict_chunk,
+    prepare_band_files_for_input,
+    prepare_cutout,
+)
 from service.core.runtime import Device, OnnxModelRuntime
-from service.errors import InvalidFitsError, LensServeError, UnreadableFileError
+from service.errors import (
+    BandMismatchError,
+    InvalidFitsError,
+    LensServeError,
+    UnreadableFileError,
+)
+from service.fits.band_files import BandGroup
+from service.fits.decode import BandFile
 from service.fits.raw import FitsLimits
 from service.schemas import encode_result
 
 logger = logging.getLogger("lensserve.batch")
+
+#: What a partition holds: a file path (one whole object), or one object's band files.
+BatchItem = str | BandGroup
+
+
+def item_path(item: BatchItem) -> str:
+    """The file of an item, or the name (folder and stem) of a band group: its row's key."""
+    return item.name if isinstance(item, BandGroup) else item
 
 
 @dataclass(frozen=True)
@@ -91,18 +112,38 @@ def runtime_loads() -> int:
         return _loads
 
 
-def _prepare_file(
-    path: str, *, runtime: OnnxModelRuntime, limits: FitsLimits
-) -> PreparedCutout | LensServeError:
-    """Read, decode and preprocess one file; errors are returned, as the API's decoder does."""
-    name = os.path.basename(path)
+def _read(path: str) -> bytes | UnreadableFileError:
     try:
-        data = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except OSError as exc:
         unreadable = UnreadableFileError(f"cannot read {path!r}: {exc.strerror or exc}")
         unreadable.__cause__ = exc
         return unreadable
+
+
+def _prepare_file(
+    item: BatchItem, *, runtime: OnnxModelRuntime, limits: FitsLimits
+) -> PreparedCutout | LensServeError:
+    """Read, decode and preprocess one file (or one object's band files); errors are
+    returned, as the API's decoder does."""
+    path = item_path(item)
+    name = os.path.basename(path)
+    if isinstance(item, BandGroup) and item.problem is not None:
+        return BandMismatchError(item.problem)
     try:
+        if isinstance(item, BandGroup):
+            files: dict[str, BandFile] = {}
+            for band, band_path in item.files:
+                data = _read(band_path)
+                if isinstance(data, UnreadableFileError):
+                    return data
+                files[band] = BandFile(data, os.path.basename(band_path))
+            return prepare_band_files_for_input(
+                files, filename=name, spec=runtime.models.input, limits=limits
+            )
+        data = _read(path)
+        if isinstance(data, UnreadableFileError):
+            return data
         return prepare_cutout(data, filename=name, models=runtime.models, limits=limits)
     except LensServeError as exc:
         return exc
@@ -113,21 +154,28 @@ def _prepare_file(
         return error
 
 
-def result_rows(paths: Sequence[str], outcomes: Sequence[CutoutOutcome]) -> list[dict[str, Any]]:
-    """One table row per file: the API's result for its outcome, flattened."""
+def result_rows(
+    paths: Sequence[BatchItem], outcomes: Sequence[CutoutOutcome]
+) -> list[dict[str, Any]]:
+    """One table row per file (or band group): the API's result for its outcome, flattened."""
     return [
-        flatten_result(encode_result(outcome, filename=os.path.basename(path)), path=path)
-        for path, outcome in zip(paths, outcomes, strict=True)
+        flatten_result(
+            encode_result(outcome, filename=os.path.basename(item_path(item))),
+            path=item_path(item),
+        )
+        for item, outcome in zip(paths, outcomes, strict=True)
     ]
 
 
-def score_partition(paths: Sequence[str], *, index: int, config: WorkerConfig) -> PartitionResult:
+def score_partition(
+    paths: Sequence[BatchItem], *, index: int, config: WorkerConfig
+) -> PartitionResult:
     """Score one partition of files on this worker (the Dask task).
 
     Parameters
     ----------
-    paths : sequence of str
-        The partition's files, as the workers see them.
+    paths : sequence of str or BandGroup
+        The partition's files (or objects of one file per band), as the workers see them.
     index : int
         Position of the partition in the run (count from 0); with a seed, it
         selects the partition's dropout seed as a chunk index does in the API.

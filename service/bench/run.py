@@ -14,15 +14,28 @@ Rows (all on the same cutouts, on the machine it runs on):
 (e) what a user would do without lensserve: the ``.keras`` models called with
     ``model.predict`` once per cutout (needs the ``bench`` extra; TensorFlow is
     imported only by :mod:`service.bench.keras_baseline`, only when this row runs);
-(g) in-process ``explain=true``: (b) plus the occlusion maps of every cutout
-    (:mod:`service.core.explain`); (b)/(g) is what an explanation costs (target <= 10).
+(f) HTTP: the whole cutouts folder in one request, one client;
+(g) HTTP flood: single-cutout requests from ``flood_connections`` clients that never
+    back off (each sends its next request as soon as it has an answer, 503 or not):
+    goodput (cutouts answered with 200 per second), refusals (503s per second), socket
+    errors, and the p99 latency of the admitted (200) requests;
+(h) in-process ``explain=true``: (b) plus the occlusion maps of every cutout
+    (:mod:`service.core.explain`); (b)/(h) is what an explanation costs (target <= 10).
 
-(a), (b), (g), (c) and the most concurrent (d) alternate in rounds (``rounds``) against one
+The server runs with the default settings (only the files per request and the MC
+samples are set), so (d@max) and (g) show what admission does to a new user's server.
+
+(a), (b), (h), (c) and the most concurrent (d) alternate in rounds (``rounds``) against one
 server that idles while the in-process rows run, so their ratios compare the same minutes
 of a machine whose speed drifts; the other rows run once each, after an untimed warm-up.
 
 The HTTP load comes from ``wrk`` (C, epoll, one thread) so the client spends
-little of the server's CPU; its CPU time is measured and reported.
+little of the server's CPU; its CPU time is measured and reported. Its script counts
+the answers by status; the latency percentiles are over every answer, except the p99
+of the 200s: wrk keeps one latency distribution, and since a refusal is answered
+before its body is read, faster than any admitted request, the slowest 1% of the
+200s are the slowest ``n_200 / 100`` answers of all, wrk's percentile
+``100 - n_200 / n``. (A refusal slower than that p99 would make it an overestimate.)
 """
 
 from __future__ import annotations
@@ -55,21 +68,46 @@ from service.fits.raw import DEFAULT_LIMITS
 from service.schemas import PredictResponse, encode_result
 from service.settings import Settings
 
-#: wrk's script: POST one fixed body; print the figures as one JSON line when done.
+#: wrk's script: POST one fixed body, count the answers by status; print the figures as
+#: one JSON line when done (module docstring: the p99 of the 200s).
 _WRK_SCRIPT = r"""
 wrk.method = "POST"
 local f = assert(io.open(os.getenv("LENSSERVE_BENCH_BODY"), "rb"))
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = os.getenv("LENSSERVE_BENCH_CONTENT_TYPE")
+local threads = {}
+function setup(thread)
+  table.insert(threads, thread)
+end
+function init(args)
+  ok, refused, other = 0, 0, 0
+end
+function response(status, headers, body)
+  if status == 200 then
+    ok = ok + 1
+  elseif status == 503 then
+    refused = refused + 1
+  else
+    other = other + 1
+  end
+end
 done = function(summary, latency, requests)
+  local n = {ok = 0, refused = 0, other = 0}
+  for _, thread in ipairs(threads) do
+    for key in pairs(n) do
+      n[key] = n[key] + thread:get(key)
+    end
+  end
   local e = summary.errors
+  local ok_quantile = 100 - n.ok / math.max(summary.requests, 1)
   io.write(string.format(
-    'WRK_JSON {"requests": %d, "errors": %d, "duration_us": %d, '
-    .. '"p50_us": %d, "p95_us": %d, "p99_us": %d}\n',
-    summary.requests, e.connect + e.read + e.write + e.status + e.timeout,
+    'WRK_JSON {"requests": %d, "ok": %d, "refused": %d, "other": %d, '
+    .. '"socket_errors": %d, "duration_us": %d, "p50_us": %d, "p95_us": %d, '
+    .. '"p99_us": %d, "p99_ok_us": %d}\n',
+    summary.requests, n.ok, n.refused, n.other, e.connect + e.read + e.write + e.timeout,
     summary.duration, latency:percentile(50), latency:percentile(95),
-    latency:percentile(99)))
+    latency:percentile(99), latency:percentile(ok_quantile)))
 end
 """
 _BOUNDARY = "lensservebenchboundary"
@@ -77,7 +115,7 @@ _BOUNDARY = "lensservebenchboundary"
 FLOOR_ROW = "(a) in-process cls+reg"
 FULL_ROW = "(b) in-process full answer"
 FITS_TO_JSON_ROW = "(b') in-process FITS->JSON"
-EXPLAIN_ROW = "(g) in-process explain=true"
+EXPLAIN_ROW = "(h) in-process explain"
 
 
 @dataclass(frozen=True)
@@ -106,6 +144,8 @@ class BenchConfig:
     before timing (seconds; 0 skips it, wrk rounds up to whole seconds)."""
     keras_cutouts: int = 20
     """Cutouts sent through the Keras baseline (e); 0 skips it (cutouts)."""
+    flood_connections: int = 256
+    """Clients of row (g), which never back off; 0 skips it (connections)."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +158,11 @@ class BenchRow:
     p95_ms: float | None = None
     p99_ms: float | None = None
     note: str = ""
+    refused_per_s: float = 0.0
+    """Answers refused with 503 per second (requests/s); HTTP rows only."""
+    socket_errors: int = 0
+    """Connect, read, write and timeout errors wrk saw (count); row (g) only, the other
+    rows fail on any."""
 
 
 @dataclass
@@ -139,6 +184,8 @@ class BenchReport:
     """Server plus its decode worker processes: proportional set size, summed (MiB)."""
     client_cpu_fraction: float | None = None
     """wrk's CPU time over the wall time of the HTTP rows (cores)."""
+    max_queue_wait_s: float | None = None
+    """The server's admission deadline, the bound on row (g)'s p99 less 1 s (seconds)."""
 
     def rate(self, prefix: str) -> float | None:
         """Cutouts/s of the first row whose name starts with ``prefix``."""
@@ -161,7 +208,7 @@ def load_cutout_bytes(config: BenchConfig) -> list[bytes]:
     return out
 
 
-#: Files in row (f)'s request without a cutouts folder: as many as the shared samples.
+#: Files in row (f)'s request without a cutouts folder: as many as the sample cutouts.
 FOLDER_REQUEST_FILES = 12
 
 
@@ -243,7 +290,7 @@ def measure_full_answer(
     explain: bool = False,
 ) -> float:
     """(b): the full answer for one ready, preprocessed batch, in-process (cutouts/s);
-    (g) with ``explain``: the same answer with each cutout's occlusion maps."""
+    (h) with ``explain``: the same answer with each cutout's occlusion maps."""
     return _rate(
         lambda: _answer_json(runtime, prepared, num_samples, explain=explain),
         cutouts_per_call=len(prepared),
@@ -304,11 +351,6 @@ class _Server:
             "LENSSERVE_MODELS_DIR": str(config.models_dir.resolve()),
             "LENSSERVE_DEFAULT_SAMPLES": str(config.num_samples),
             "LENSSERVE_MAX_FILES": str(max(config.batch_size, 256)),
-            # The rows measure throughput, so no client may be refused: the admission limit
-            # (32 by default) would answer 503 at 64 clients, and a slot is freed only after
-            # its response is sent, so a client's next request can find its old one still
-            # counted: twice the clients is enough.
-            "LENSSERVE_MAX_CONCURRENT_REQUESTS": str(2 * max(16, *config.concurrencies, 2)),
             "LENSSERVE_LOG_LEVEL": "warning",
         }
         command = [sys.executable, "-m", "service", "serve", "--port", str(self.port)]
@@ -387,9 +429,19 @@ class _Server:
 
 
 def run_wrk(
-    url: str, body: bytes, *, connections: int, duration_s: float, workdir: Path
+    url: str,
+    body: bytes,
+    *,
+    connections: int,
+    duration_s: float,
+    workdir: Path,
+    strict: bool = True,
 ) -> dict[str, float]:
-    """POST ``body`` with ``connections`` keep-alive clients for ``duration_s``; wrk's figures."""
+    """POST ``body`` with ``connections`` keep-alive clients for ``duration_s``; wrk's figures.
+
+    With ``strict``, any socket error or answer other than 200 or 503 fails the run;
+    without, they are only counted (row (g)).
+    """
     wrk = shutil.which("wrk")
     if wrk is None:
         raise RuntimeError("the HTTP rows need wrk on PATH (Debian/Ubuntu: apt-get install wrk)")
@@ -418,8 +470,11 @@ def run_wrk(
     if line is None:
         raise RuntimeError(f"wrk printed no figures:\n{completed.stdout}\n{completed.stderr}")
     figures: dict[str, float] = json.loads(line.removeprefix("WRK_JSON "))
-    if figures["errors"]:
-        raise RuntimeError(f"wrk saw {figures['errors']:.0f} failed requests:\n{completed.stdout}")
+    if strict and (figures["socket_errors"] or figures["other"]):
+        raise RuntimeError(
+            f"wrk saw {figures['socket_errors']:.0f} socket errors and {figures['other']:.0f} "
+            f"answers other than 200 or 503:\n{completed.stdout}"
+        )
     return figures
 
 
@@ -444,9 +499,16 @@ class _HttpRunner:
         # wrk is the only child that exits during the run, so RUSAGE_CHILDREN counts wrk alone.
         self._cpu_before_s = _children_cpu_s()
 
-    def run(self, body: bytes, *, connections: int, duration_s: float) -> dict[str, float]:
+    def run(
+        self, body: bytes, *, connections: int, duration_s: float, strict: bool = True
+    ) -> dict[str, float]:
         figures = run_wrk(
-            self.url, body, connections=connections, duration_s=duration_s, workdir=self.workdir
+            self.url,
+            body,
+            connections=connections,
+            duration_s=duration_s,
+            workdir=self.workdir,
+            strict=strict,
         )
         self.wall_s += figures["duration_us"] / 1e6
         return figures
@@ -464,21 +526,61 @@ class _HttpRunner:
 def http_row(
     name: str, rounds: Sequence[dict[str, float]], *, per_request: int, connections: int
 ) -> BenchRow:
-    """One HTTP row from one or more wrk runs: their cutouts over their time; latency
-    percentiles are the median of the runs' (exact for one run)."""
+    """One HTTP row from one or more wrk runs: their cutouts answered with 200 over their
+    time; latency percentiles are the median of the runs' (exact for one run)."""
     seconds = sum(f["duration_us"] for f in rounds) / 1e6
-    requests = sum(f["requests"] for f in rounds)
+    answered = sum(f["ok"] for f in rounds)
+    refused = sum(f["refused"] for f in rounds)
     note = f"{per_request} file(s)/request, {connections} client(s)"
+    if refused:
+        note += f", {refused:.0f} refused (503)"
     if len(rounds) > 1:
         note += f", {len(rounds)} rounds"
     return BenchRow(
         name=name,
-        cutouts_per_s=requests * per_request / seconds,
+        cutouts_per_s=answered * per_request / seconds,
         p50_ms=float(np.median([f["p50_us"] for f in rounds])) / 1e3,
         p95_ms=float(np.median([f["p95_us"] for f in rounds])) / 1e3,
         p99_ms=float(np.median([f["p99_us"] for f in rounds])) / 1e3,
         note=note,
+        refused_per_s=refused / seconds,
     )
+
+
+def flood_row(figures: dict[str, float], *, connections: int) -> BenchRow:
+    """Row (g) from one wrk run: goodput, refusals, socket errors and the p99 of the 200s.
+
+    Its p50 and p95 columns stay empty: over every answer they would mostly time the
+    refusals.
+    """
+    seconds = figures["duration_us"] / 1e6
+    note = (
+        f"{connections} clients never back off; p99 of the 200s; "
+        f"{figures['refused'] / seconds:.0f} refused/s"
+    )
+    if figures["other"]:
+        note += f", {figures['other']:.0f} other answers"
+    if figures["socket_errors"]:
+        note += f", {figures['socket_errors']:.0f} socket errors"
+    return BenchRow(
+        name=f"(g) HTTP flood @{connections}",
+        cutouts_per_s=figures["ok"] / seconds,
+        p99_ms=figures["p99_ok_us"] / 1e3 if figures["ok"] else None,
+        note=note,
+        refused_per_s=figures["refused"] / seconds,
+        socket_errors=int(figures["socket_errors"] + figures["other"]),
+    )
+
+
+def measure_flood(config: BenchConfig, files: Sequence[bytes], http: _HttpRunner) -> BenchRow:
+    """(g): single-cutout requests from ``flood_connections`` clients that never back off."""
+    figures = http.run(
+        multipart_body(files[:1]),
+        connections=config.flood_connections,
+        duration_s=config.duration_s,
+        strict=False,
+    )
+    return flood_row(figures, connections=config.flood_connections)
 
 
 def measure_interleaved(
@@ -489,8 +591,8 @@ def measure_interleaved(
     *,
     callers: int,
 ) -> tuple[float, float, float, BenchRow, BenchRow]:
-    """(a), (b), (g), (c) and (d) at the highest concurrency in ``config.rounds`` alternating
-    rounds: the cutouts/s of (a), (b) and (g), and the rows of (c) and (d).
+    """(a), (b), (h), (c) and (d) at the highest concurrency in ``config.rounds`` alternating
+    rounds: the cutouts/s of (a), (b) and (h), and the rows of (c) and (d).
 
     A shared VM's speed drifts by ±10% within minutes; alternating the rows makes (b)/(a),
     (c)/(b) and (d)/(b) compare the same minutes. The server idles while the in-process
@@ -589,6 +691,7 @@ def run_bench(
         cores=available_cores(),
         model_instances=callers,
         intra_op_threads=runtime.intra_op_threads,
+        max_queue_wait_s=settings.max_queue_wait_s,
     )
     files = load_cutout_bytes(config)
     server = _Server(config)
@@ -596,7 +699,7 @@ def run_bench(
         server.wait_ready()
         with tempfile.TemporaryDirectory(prefix="lensserve-bench-") as tmp:
             http = _HttpRunner(server, config, Path(tmp))
-            progress(f"(a), (b), (g), (c), (d@max) in {config.rounds} alternating rounds")
+            progress(f"(a), (b), (h), (c), (d@max) in {config.rounds} alternating rounds")
             floor, full, explain, batch_row, single_row = measure_interleaved(
                 config, runtime, files, http, callers=callers
             )
@@ -621,6 +724,9 @@ def run_bench(
             others = measure_http(config, files, http, load_folder_request(config, files))
             report.rows += [r for r in others if r.name.startswith("(d)")] + [single_row]
             report.rows += [r for r in others if not r.name.startswith("(d)")]
+            if config.flood_connections > 0:
+                progress(f"(g) HTTP flood @{config.flood_connections}")
+                report.rows.append(measure_flood(config, files, http))
             _record_server(report, server, http)
     finally:
         server.stop()
@@ -662,7 +768,7 @@ def format_report(report: BenchReport) -> str:
         )
     full, explain, fits_to_json, batch, single, keras = (
         report.rate("(b)"),
-        report.rate("(g)"),
+        report.rate("(h)"),
         report.rate("(b')"),
         report.rate("(c)"),
         _last_rate(report, "(d)"),
@@ -674,17 +780,18 @@ def format_report(report: BenchReport) -> str:
         f"(c)/(b') = {_ratio(batch, fits_to_json)} (target >= 0.8; both decode FITS)",
         f"(d@max)/(b') = {_ratio(single, fits_to_json)} (target >= 0.6; both decode FITS)",
         f"(c)/(e) = {_ratio(batch, keras)} (target >= 20)",
-        f"(b)/(g) = {_ratio(full, explain)} (target <= 10: explain=true's cost over the answer's)",
+        f"(b)/(h) = {_ratio(full, explain)} (target <= 10: explain=true's cost over the answer's)",
         f"for reference: (b')/(a) = {_ratio(fits_to_json, floor)}, "
         f"(c)/(b) = {_ratio(batch, full)}, (d@max)/(b) = {_ratio(single, full)} "
         "(FITS decode on one side only)",
+        *_admission_lines(report, single),
         f"provider {report.provider}; {report.cores} cores; {report.model_instances} model "
         f"instance(s) x {report.intra_op_threads} operator thread(s), in-process and server",
     ]
     if report.server_peak_rss_mib is not None:
         lines.append(
             f"server RSS: peak {report.server_peak_rss_mib:.0f} MiB, steady "
-            f"{report.server_steady_rss_mib or 0:.0f} MiB (target <= 1024)"
+            f"{report.server_steady_rss_mib or 0:.0f} MiB (target <= 1024; with (g) <= 1536)"
         )
     if report.server_tree_steady_pss_mib is not None:
         lines.append(
@@ -695,3 +802,22 @@ def format_report(report: BenchReport) -> str:
     if report.client_cpu_fraction is not None:
         lines.append(f"load generator (wrk) CPU: {report.client_cpu_fraction:.2f} cores")
     return "\n".join(lines)
+
+
+def _admission_lines(report: BenchReport, single: float | None) -> list[str]:
+    """The targets of admission: no refusal at (d@max); (g)'s goodput, errors and p99."""
+    singles = [r for r in report.rows if r.name.startswith("(d)")]
+    lines = []
+    if singles:
+        lines.append(f"(d@max) refused {singles[-1].refused_per_s:.1f}/s (target 0)")
+    flood = next((r for r in report.rows if r.name.startswith("(g)")), None)
+    if flood is not None:
+        bound_ms = (report.max_queue_wait_s or 0.0) * 1e3 + 1e3
+        p99 = "-" if flood.p99_ms is None else f"{flood.p99_ms:.0f}"
+        lines.append(
+            f"(g)/(d@max) = {_ratio(flood.cutouts_per_s, single)} (target >= 0.8); (g) "
+            f"refused {flood.refused_per_s:.0f}/s, socket errors and other answers "
+            f"{flood.socket_errors} (target 0), p99 of the 200s {p99} ms (target <= "
+            f"{bound_ms:.0f}, the queue-wait deadline + 1 s)"
+        )
+    return lines

@@ -5,7 +5,11 @@
 a batch with exponential backoff when the service answers 503 or 429 or cannot
 be reached, waiting at least what ``Retry-After`` asks. Every input path gets
 exactly one :class:`LensPrediction`: the models' answer, or the error that
-stopped the file (a bad file, a refused batch, retries exhausted).
+stopped the file (a bad file, a refused batch, retries exhausted). An object
+sent as one file per band (a :class:`~service.fits.band_files.BandGroup`, from
+:func:`~service.fits.band_files.group_band_files`) goes in a request of its
+own, in the multipart fields named after its bands, and gets one prediction
+whose ``path`` is the group's name.
 
 The module needs only httpx: no FastAPI, onnxruntime or astropy.
 
@@ -32,6 +36,8 @@ from typing import Any
 
 import httpx
 
+from service.fits.band_files import BandGroup
+
 logger = logging.getLogger("lensserve.client")
 
 PREDICT_PATH = "/v1/predict"
@@ -41,6 +47,8 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})
 UNREADABLE_FILE = "unreadable_file"
 UNAVAILABLE = "service_unavailable"
 BAD_RESPONSE = "bad_response"
+#: Error code of an object whose band files are incomplete (the service's code for it).
+BAND_MISMATCH = "band_mismatch"
 
 
 @dataclass(frozen=True)
@@ -159,19 +167,66 @@ class RetryPolicy:
         return min(backoff, self.max_backoff_s)
 
 
-def batched(paths: Sequence[str], size: int) -> list[list[str]]:
-    """Consecutive slices of ``paths`` with at most ``size`` items each."""
-    return [list(paths[i : i + size]) for i in range(0, len(paths), size)]
+#: What the clients predict: a path (one whole object per file) or one object's band files.
+Item = str | BandGroup
+
+
+def item_key(item: Item | Path) -> str:
+    """The path of a file, or the name of a group: the ``path`` of its prediction."""
+    return item.name if isinstance(item, BandGroup) else str(item)
+
+
+def _unique_items(paths: Iterable[str | Path | BandGroup]) -> list[Item]:
+    """Paths as strings and band groups, each key once (the first wins)."""
+    items: dict[str, Item] = {}
+    for path in paths:
+        item = path if isinstance(path, BandGroup) else str(path)
+        items.setdefault(item_key(item), item)
+    return list(items.values())
+
+
+def batched(paths: Sequence[Item], size: int) -> list[list[Item]]:
+    """Consecutive slices of ``paths`` with at most ``size`` items each; a band group is
+    a request, and so a slice, of its own."""
+    batches: list[list[Item]] = []
+    for item in paths:
+        if isinstance(item, BandGroup):
+            batches.append([item])
+        elif batches and len(batches[-1]) < size and not isinstance(batches[-1][0], BandGroup):
+            batches[-1].append(item)
+        else:
+            batches.append([item])
+    return batches
+
+
+def _read_group(
+    group: BandGroup,
+) -> tuple[list[tuple[str, tuple[str, bytes, str]]], list[str], list[LensPrediction]]:
+    """The multipart parts of one object's band files, or its failed prediction."""
+    if group.problem is not None:
+        error = ErrorInfo(BAND_MISMATCH, group.problem)
+        return [], [], [LensPrediction(path=group.name, filename=group.name, error=error)]
+    parts: list[tuple[str, tuple[str, bytes, str]]] = []
+    for band, path in group.files:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            error = ErrorInfo(UNREADABLE_FILE, f"{path!r} cannot be read: {exc.strerror or exc}")
+            return [], [], [LensPrediction(path=group.name, filename=group.name, error=error)]
+        parts.append((band, (Path(path).name, data, "application/fits")))
+    return parts, [group.name], []
 
 
 def _read_files(
-    paths: Sequence[str],
+    paths: Sequence[Item],
 ) -> tuple[list[tuple[str, tuple[str, bytes, str]]], list[str], list[LensPrediction]]:
     """Multipart parts of the readable files, their paths, and a prediction per unreadable one."""
+    if len(paths) == 1 and isinstance(paths[0], BandGroup):
+        return _read_group(paths[0])
     parts: list[tuple[str, tuple[str, bytes, str]]] = []
     sent: list[str] = []
     failed: list[LensPrediction] = []
-    for path in paths:
+    for path in map(str, paths):
         name = Path(path).name
         try:
             data = Path(path).read_bytes()
@@ -352,14 +407,15 @@ class LensClient:
         """Close the connection pool."""
         self._http.close()
 
-    def predict(self, paths: Iterable[str | Path]) -> list[LensPrediction]:
-        """One prediction per path, in the order given."""
-        order = {p: i for i, p in enumerate(map(str, paths))}
-        return sorted(self.iter_predict(order), key=lambda pred: order[pred.path])
+    def predict(self, paths: Iterable[str | Path | BandGroup]) -> list[LensPrediction]:
+        """One prediction per path or band group, in the order given."""
+        items = _unique_items(paths)
+        order = {item_key(item): i for i, item in enumerate(items)}
+        return sorted(self.iter_predict(items), key=lambda pred: order[pred.path])
 
-    def iter_predict(self, paths: Iterable[str | Path]) -> Iterator[LensPrediction]:
-        """Predictions as their batches finish (not in input order); one per path."""
-        batches = batched([str(p) for p in paths], self._options.files_per_request)
+    def iter_predict(self, paths: Iterable[str | Path | BandGroup]) -> Iterator[LensPrediction]:
+        """Predictions as their batches finish (not in input order); one per path or group."""
+        batches = batched(_unique_items(paths), self._options.files_per_request)
         with ThreadPoolExecutor(self._options.concurrency, "lensserve-client") as pool:
             pending: set[Future[list[LensPrediction]]] = set()
             queue = iter(batches)
@@ -376,7 +432,7 @@ class LensClient:
                     if following is not None:
                         pending.add(pool.submit(self.predict_batch, following))
 
-    def predict_batch(self, paths: Sequence[str]) -> list[LensPrediction]:
+    def predict_batch(self, paths: Sequence[Item]) -> list[LensPrediction]:
         """Send one multipart request for ``paths`` (retrying) and decode its answer."""
         parts, sent, failed = _read_files(paths)
         if not parts:
@@ -457,15 +513,18 @@ class AsyncLensClient:
         """Close the connection pool."""
         await self._http.aclose()
 
-    async def predict(self, paths: Iterable[str | Path]) -> list[LensPrediction]:
-        """One prediction per path, in the order given."""
-        order = {p: i for i, p in enumerate(map(str, paths))}
-        found = [prediction async for prediction in self.iter_predict(order)]
+    async def predict(self, paths: Iterable[str | Path | BandGroup]) -> list[LensPrediction]:
+        """One prediction per path or band group, in the order given."""
+        items = _unique_items(paths)
+        order = {item_key(item): i for i, item in enumerate(items)}
+        found = [prediction async for prediction in self.iter_predict(items)]
         return sorted(found, key=lambda pred: order[pred.path])
 
-    async def iter_predict(self, paths: Iterable[str | Path]) -> AsyncIterator[LensPrediction]:
-        """Predictions as their batches finish (not in input order); one per path."""
-        queue = iter(batched([str(p) for p in paths], self._options.files_per_request))
+    async def iter_predict(
+        self, paths: Iterable[str | Path | BandGroup]
+    ) -> AsyncIterator[LensPrediction]:
+        """Predictions as their batches finish (not in input order); one per path or group."""
+        queue = iter(batched(_unique_items(paths), self._options.files_per_request))
         pending: set[asyncio.Task[list[LensPrediction]]] = set()
         try:
             for batch in queue:
@@ -484,7 +543,7 @@ class AsyncLensClient:
             for task in pending:
                 task.cancel()
 
-    async def predict_batch(self, paths: Sequence[str]) -> list[LensPrediction]:
+    async def predict_batch(self, paths: Sequence[Item]) -> list[LensPrediction]:
         """Send one multipart request for ``paths`` (retrying) and decode its answer."""
         parts, sent, failed = await asyncio.to_thread(_read_files, paths)
         if not parts:

@@ -1,7 +1,9 @@
 """``lensserve predict``: send FITS files to a running service and write one table row each.
 
 The table (astropy: CSV, ECSV, FITS or VOTable by the ending of ``--out``)
-has one row per input file, keyed by ``filename`` (the path as given):
+has one row per input file, keyed by ``filename`` (the path as given), or with
+``--group-bands`` one row per object sent as one file per band, keyed by its
+folder and stem (``data/obj`` for ``data/obj_g.fits``, ``data/obj_r.fits``, ...):
 position, lens probability, the SIE parameters, the theta_E distribution,
 and ``error_code``/``error`` for a file that failed.
 
@@ -26,7 +28,8 @@ import numpy as np
 from astropy.table import MaskedColumn, Table
 from tqdm import tqdm
 
-from service.client.client import LensClient, LensPrediction, RetryPolicy
+from service.client.client import Item, LensClient, LensPrediction, RetryPolicy, item_key
+from service.fits.band_files import group_band_files
 
 #: astropy writer of each output ending.
 FORMAT_BY_SUFFIX: dict[str, str] = {
@@ -150,7 +153,7 @@ def read_finished_rows(out: Path) -> list[dict[str, object]]:
 
 
 def run_predict(
-    paths: Sequence[str],
+    paths: Sequence[Item],
     *,
     client: LensClient,
     out: Path,
@@ -162,8 +165,8 @@ def run_predict(
 
     Parameters
     ----------
-    paths : sequence of str
-        Input FITS files; duplicates are sent once.
+    paths : sequence of str or BandGroup
+        Input FITS files, or objects as one file per band; duplicates are sent once.
     client : LensClient
         Talks to the service.
     out : Path
@@ -178,7 +181,8 @@ def run_predict(
     table_format(out)
     rows = read_finished_rows(out) if resume and out.exists() else []
     finished = {str(row["filename"]) for row in rows}
-    todo = [p for p in dict.fromkeys(paths) if p not in finished]
+    unique = list({item_key(p): p for p in paths[::-1]}.values())[::-1]  # first of each key
+    todo = [p for p in unique if item_key(p) not in finished]
     failures: list[LensPrediction] = []
     last_write_s = time.monotonic()
     with tqdm(
@@ -192,12 +196,12 @@ def run_predict(
             if time.monotonic() - last_write_s >= checkpoint_s:
                 write_table(rows, out)
                 last_write_s = time.monotonic()
-    order = {p: i for i, p in enumerate(paths)}
+    order = {item_key(p): i for i, p in reversed(list(enumerate(paths)))}
     rows.sort(key=lambda row: order.get(str(row["filename"]), -1))
     write_table(rows, out)
     return PredictSummary(
         total=len(paths),
-        skipped=len(dict.fromkeys(paths)) - len(todo),
+        skipped=len(unique) - len(todo),
         succeeded=len(todo) - len(failures),
         failures=tuple(failures),
         retries=client.stats.retries,
@@ -231,8 +235,15 @@ def predict_command(
     seed: int | None = None,
     progress: bool = True,
     checkpoint_s: float = 1.0,
+    group_bands: str | None = None,
+    bands: Sequence[str] = ("g", "r", "i"),
 ) -> int:
-    """Run ``lensserve predict`` and report on stderr; returns the exit status."""
+    """Run ``lensserve predict`` and report on stderr; returns the exit status.
+
+    ``group_bands``: a name pattern such as ``{stem}_{band}.fits[.gz]`` that groups
+    the input files into objects of one file per band (``bands``), each sent as one
+    object; None sends each file as a whole object.
+    """
     try:
         table_format(out)
     except ValueError as exc:
@@ -244,7 +255,13 @@ def predict_command(
             file=sys.stderr,
         )
         return 2
-    paths = expand_inputs(inputs)
+    paths: list[Item] = list(expand_inputs(inputs))
+    if group_bands is not None:
+        try:
+            paths = group_band_files(map(str, paths), bands=bands, pattern=group_bands)
+        except ValueError as exc:
+            print(f"lensserve predict: {exc}", file=sys.stderr)
+            return 2
     with LensClient(
         url,
         files_per_request=files_per_request,
@@ -262,7 +279,8 @@ def predict_command(
             checkpoint_s=checkpoint_s,
         )
     print(
-        f"lensserve predict: {summary.total} files: {summary.succeeded} predicted, "
+        f"lensserve predict: {summary.total} {'objects' if group_bands else 'files'}: "
+        f"{summary.succeeded} predicted, "
         f"{summary.skipped} already in {out}, {len(summary.failures)} failed; "
         f"{summary.retries} retries",
         file=sys.stderr,

@@ -6,6 +6,8 @@ on how pixels are normalised. Pure numpy; no I/O.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -71,7 +73,9 @@ def _fill_masked(data: NDArray[np.float64]) -> NDArray[np.float64]:
     return filled
 
 
-def preprocess_cutout(cube: NDArray[np.floating]) -> NDArray[np.float32]:
+def preprocess_cutout(
+    cube: NDArray[np.floating], *, noise_sigma: Sequence[float | None] | None = None
+) -> NDArray[np.float32]:
     """Turn one band-ordered cutout into the network input.
 
     Each band loses its background (median of the border), the cube is divided
@@ -85,6 +89,11 @@ def preprocess_cutout(cube: NDArray[np.floating]) -> NDArray[np.float32]:
     ----------
     cube : ndarray, shape (n_bands, ny, nx)
         Linear fluxes in any unit, bands in the model's order (g, r, i).
+    noise_sigma : sequence of (float or None), or None
+        Per band, a known noise level (standard deviation, in the unit of
+        ``cube``), e.g. from a survey's weight or RMS map; it replaces that
+        band's estimate from the pixels before the bands' median is taken.
+        None (the default), or a None entry, estimates it.
 
     Returns
     -------
@@ -94,26 +103,53 @@ def preprocess_cutout(cube: NDArray[np.floating]) -> NDArray[np.float32]:
     data = np.asarray(cube, dtype=np.float64)
     if data.ndim != 3:
         raise ValueError(f"expected a (bands, ny, nx) cube, got shape {data.shape}")
+    known = _known_noise(noise_sigma, data.shape[0])
     if min(data.shape[1:]) > 2 * _BORDER_PIXELS and np.isfinite(data).all():
-        data, sigma = _normalise_unmasked(data)
+        data, sigma = _normalise_unmasked(data, known)
     else:
-        data, sigma = _normalise_masked(data)
+        data, sigma = _normalise_masked(data, known)
     data = _fill_masked(data)
     scaled = np.arcsinh(data / (_ASINH_SOFTENING_SIGMA * sigma))
     scaled[~np.isfinite(scaled)] = 0.0
     return np.ascontiguousarray(np.moveaxis(scaled, 0, -1), dtype=np.float32)
 
 
-def _normalise_masked(data: NDArray[np.float64]) -> tuple[NDArray[np.float64], float]:
+def _known_noise(
+    noise_sigma: Sequence[float | None] | None, n_bands: int
+) -> NDArray[np.float64] | None:
+    """Known per-band noise levels as an array, NaN where unknown; None when none is known."""
+    if noise_sigma is None:
+        return None
+    if len(noise_sigma) != n_bands:
+        raise ValueError(f"expected {n_bands} noise levels, got {len(noise_sigma)}")
+    known = np.array([np.nan if s is None else float(s) for s in noise_sigma])
+    if np.any(known[np.isfinite(known)] <= 0) or np.isinf(known).any():
+        raise ValueError(f"noise levels must be positive and finite, got {list(noise_sigma)}")
+    return None if np.isnan(known).all() else known
+
+
+def _with_known(
+    band_sigmas: NDArray[np.float64], known: NDArray[np.float64] | None
+) -> NDArray[np.float64]:
+    """Each band's estimated noise, replaced where a known level is given."""
+    return band_sigmas if known is None else np.where(np.isnan(known), band_sigmas, known)
+
+
+def _normalise_masked(
+    data: NDArray[np.float64], known: NDArray[np.float64] | None = None
+) -> tuple[NDArray[np.float64], float]:
     """Background-subtracted bands and the shared noise scale, masked pixels left out."""
     background = np.array([_border_median(band) for band in data])
     data = data - background[:, None, None]
-    sigma = np.median([_robust_sigma(band) for band in data])
+    band_sigmas = [_robust_sigma(band) for band in data]
+    sigma = np.median(band_sigmas if known is None else _with_known(np.array(band_sigmas), known))
     peak = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 0.0
     return data, _noise_scale(float(sigma), peak)
 
 
-def _normalise_unmasked(data: NDArray[np.float64]) -> tuple[NDArray[np.float64], float]:
+def _normalise_unmasked(
+    data: NDArray[np.float64], known: NDArray[np.float64] | None = None
+) -> tuple[NDArray[np.float64], float]:
     """:func:`_normalise_masked` for a cube without masked pixels, all bands at once.
 
     The same medians of the same values, without per-band copies and NaN
@@ -132,7 +168,9 @@ def _normalise_unmasked(data: NDArray[np.float64]) -> tuple[NDArray[np.float64],
     )
     data = data - _row_medians(frame)[:, None, None]
     flat = data.reshape(n_bands, -1)
-    band_sigmas = 1.4826 * _row_medians(np.abs(flat - _row_medians(flat)[:, None]))
+    band_sigmas = _with_known(
+        1.4826 * _row_medians(np.abs(flat - _row_medians(flat)[:, None])), known
+    )
     sigma = _row_medians(band_sigmas[None, :])[0]  # np.median costs more on three values
     return data, _noise_scale(float(sigma), float(np.max(np.abs(flat))))
 

@@ -14,6 +14,12 @@ refused at once with :class:`~service.errors.OverloadedError`, so a flood turns
 into quick 503s instead of unbounded memory and latency. When a batch fails, every request
 in it receives the error.
 
+The batcher also measures its service time: a moving average of each batch's run
+time per unit of size (:attr:`DynamicBatcher.seconds_per_item`), weighted by the
+batch's size so that the full batches of a backlog, the regime in which the
+figure is used, dominate it. The API's admission turns it into the expected
+wait of a queue (:mod:`service.api.guards`).
+
 The batcher knows nothing of HTTP or of models: it batches opaque items,
 each with a size (cutouts), through a synchronous ``run_batch`` function.
 """
@@ -33,6 +39,11 @@ from typing import Generic, TypeVar
 from service.errors import InferenceError, LensServeError, ModelUnavailableError, OverloadedError
 
 logger = logging.getLogger("lensserve.batching")
+
+#: Weight of each unit of a new batch's size in the service-time average (fraction): a
+#: batch of 64 cutouts moves it 1 - 0.98**64 = 73% of the way to its own figure, a lone
+#: cutout 2%.
+SERVICE_TIME_SMOOTHING = 0.02
 
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
@@ -118,11 +129,26 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._executor: ThreadPoolExecutor | None = None
         self._free_workers: asyncio.Semaphore | None = None
         self._running_batches: dict[asyncio.Task[None], list[_Pending[ItemT, ResultT]]] = {}
+        self._seconds_per_item: float | None = None
 
     @property
     def queued_size(self) -> int:
         """Total size of the items waiting for a batch (cutouts)."""
         return self._queued_size
+
+    @property
+    def seconds_per_item(self) -> float | None:
+        """Moving average of ``run_batch``'s time per unit of size, over the batches that
+        succeeded, weighted by their size (seconds per cutout); None before the first."""
+        return self._seconds_per_item
+
+    def _observe_service_time(self, run_s: float, size: int) -> None:
+        per_item_s = run_s / size
+        if self._seconds_per_item is None:
+            self._seconds_per_item = per_item_s
+            return
+        weight = 1.0 - (1.0 - SERVICE_TIME_SMOOTHING) ** size
+        self._seconds_per_item += weight * (per_item_s - self._seconds_per_item)
 
     @property
     def running(self) -> bool:
@@ -301,12 +327,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             for pending, result in zip(batch, results, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(result)
+        run_s = time.perf_counter() - started
+        size = sum(p.size for p in batch)
+        if not failed:
+            self._observe_service_time(run_s, size)
         if self._on_batch is not None:
             stats = BatchStats(
-                size=sum(p.size for p in batch),
+                size=size,
                 requests=len(batch),
                 queue_times_s=tuple(started - p.submitted_at for p in batch),
-                run_s=time.perf_counter() - started,
+                run_s=run_s,
                 failed=failed,
             )
             try:

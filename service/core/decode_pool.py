@@ -20,11 +20,13 @@ from service.contract.cards import InputSpec
 from service.core.cpu import lower_current_thread_priority
 from service.core.inference import (
     PreparedCutout,
+    prepare_band_files_for_input,
     prepare_cutout_for_input,
     prepare_plain_cutout_for_input,
 )
 from service.core.isolation import IsolatedDecoder
 from service.errors import InvalidFitsError, LensServeError
+from service.fits.decode import BandFile
 from service.fits.raw import FitsLimits
 
 logger = logging.getLogger("lensserve.decode")
@@ -38,6 +40,9 @@ class Upload:
     filename: str
     data: bytes
     content_encoding: str | None = None
+    band: str | None = None
+    """The band this file holds when it is one of an object's per-band files; None for a
+    whole object."""
 
 
 class DecodePool:
@@ -124,6 +129,27 @@ class DecodePool:
             outcomes[i] = outcome
         return [outcome for outcome in outcomes if outcome is not None]
 
+    async def prepare_bands(
+        self, uploads: Sequence[Upload], *, spec: InputSpec
+    ) -> PreparedCutout | LensServeError:
+        """Decode and preprocess one object sent as one file per band (``Upload.band``)."""
+        full = partial(
+            prepare_band_files_for_input,
+            {
+                upload.band or "": BandFile(upload.data, upload.filename, upload.content_encoding)
+                for upload in uploads
+            },
+            filename=band_group_name(uploads),
+            spec=spec,
+            limits=self.limits,
+        )
+        try:
+            return await self.run(full)
+        except LensServeError as exc:
+            return exc
+        except Exception as exc:  # a file the codec did not foresee must not take the request down
+            return _unforeseen_decode_error(band_group_name(uploads), exc)
+
     async def _prepare_plain_groups(
         self, uploads: Sequence[Upload], *, spec: InputSpec
     ) -> list[PreparedCutout | LensServeError | None]:
@@ -185,6 +211,11 @@ def _prepare_plain_group(
         except Exception as exc:  # a file the codec did not foresee must not take the request down
             outcomes.append(_unforeseen_decode_error(upload.filename, exc))
     return outcomes
+
+
+def band_group_name(uploads: Sequence[Upload]) -> str:
+    """The name one object's per-band files are answered under: 'obj_g.fits+obj_r.fits+...'."""
+    return "+".join(upload.filename for upload in uploads)
 
 
 def _unforeseen_decode_error(filename: str, exc: Exception) -> InvalidFitsError:

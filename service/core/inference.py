@@ -16,7 +16,7 @@ Two steps, so each can run where it belongs:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -41,7 +41,13 @@ from service.core.batching import BatchStats, DynamicBatcher
 from service.core.explain import Explanation, explain_occlusion
 from service.core.runtime import MAX_SEED, ModelRuntime, RawPredictions
 from service.errors import InferenceError, LensServeError
-from service.fits.decode import DecodedCutout, decode_fits, decode_plain_fits
+from service.fits.decode import (
+    BandFile,
+    DecodedCutout,
+    decode_band_files,
+    decode_fits,
+    decode_plain_fits,
+)
 from service.fits.raw import FitsLimits
 
 
@@ -168,6 +174,33 @@ def prepare_cutout_for_input(
     return _prepared(decoded, filename)
 
 
+def decode_band_files_for_input(
+    files: Mapping[str, BandFile], *, spec: InputSpec, limits: FitsLimits
+) -> DecodedCutout:
+    """Decode one object sent as one file per band, for the models' input."""
+    return decode_band_files(files, **_geometry(spec), limits=limits)
+
+
+def prepare_band_files_for_input(
+    files: Mapping[str, BandFile], *, filename: str, spec: InputSpec, limits: FitsLimits
+) -> PreparedCutout:
+    """:func:`prepare_cutout_for_input` for one object sent as one file per band (picklable,
+    for worker processes).
+
+    Parameters
+    ----------
+    files : mapping of str to BandFile
+        One file per band of ``spec``, keyed by band name.
+    filename : str
+        Name reported back with the result.
+    spec : InputSpec
+        Bands, cutout shape (pixels) and pixel scale (arcsec/pixel) of the models' input.
+    limits : FitsLimits
+        Caps applied to each file.
+    """
+    return _prepared(decode_band_files_for_input(files, spec=spec, limits=limits), filename)
+
+
 def prepare_plain_cutout_for_input(
     data: bytes,
     *,
@@ -191,7 +224,7 @@ def _prepared(decoded: DecodedCutout, filename: str) -> PreparedCutout:
     """A decoded cutout, preprocessed for the models."""
     return PreparedCutout(
         filename=filename,
-        image=preprocess_cutout(decoded.pixels),
+        image=preprocess_cutout(decoded.pixels, noise_sigma=decoded.noise_sigma),
         masked_fraction=decoded.masked_fraction,
         ra_deg=decoded.ra_deg,
         dec_deg=decoded.dec_deg,
@@ -282,6 +315,16 @@ class InferenceEngine:
     def queued_cutouts(self) -> int:
         """Cutouts waiting for a batch (cutouts)."""
         return self._batcher.queued_size
+
+    @property
+    def seconds_per_cutout(self) -> float | None:
+        """Measured time the engine takes per cutout with every model instance busy: the
+        batcher's average run time per cutout divided by the instances (seconds per
+        cutout); None before the first batch has run."""
+        per_batch_cutout_s = self._batcher.seconds_per_item
+        if per_batch_cutout_s is None:
+            return None
+        return per_batch_cutout_s / self._model_instances
 
     def load(self) -> None:
         """Load and warm up the models (blocking; run it off the event loop)."""

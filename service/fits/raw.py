@@ -39,8 +39,9 @@ _COUNT_CARD = re.compile(rb"(NAXIS|ZNAXIS|TFIELDS) *= *([-+]?\d+)")
 #: The end of every message refusing a file's layout.
 ACCEPTED_LAYOUTS = (
     "accepted: a FITS file, optionally gzip-compressed, holding the bands as an image cube "
-    "(planes named by BANDS) or as one 2D image extension per band (named by FILTER, BAND or "
-    "EXTNAME)"
+    "(planes named by BANDS or BAND0..BANDn) or as one 2D image extension per band (named by "
+    "FILTER, BAND or EXTNAME; mask, weight, RMS and PSF extensions beside it), or one such "
+    "file per band (docs/fits-layouts.md)"
 )
 
 #: Media types under which an HTTP body is one FITS file.

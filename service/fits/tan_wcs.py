@@ -67,7 +67,18 @@ class TanWcs:
 
 
 def simple_tan_wcs(header: Mapping[str, Any]) -> TanWcs | None:
-    """The header's WCS when it is a plain ICRS TAN projection in degrees, else None."""
+    """The header's WCS when it is a plain ICRS TAN projection in degrees, else None.
+
+    A numeric keyword that holds no number (``CRPIX1 = 'r'``) gives None too: astropy
+    then judges the WCS, and the decoder reports it as unusable.
+    """
+    try:
+        return _simple_tan_wcs(header)
+    except (TypeError, ValueError):
+        return None
+
+
+def _simple_tan_wcs(header: Mapping[str, Any]) -> TanWcs | None:
     if (_text(header, "CTYPE1"), _text(header, "CTYPE2")) != ("RA---TAN", "DEC--TAN"):
         return None
     radesys = _text(header, "RADESYS")

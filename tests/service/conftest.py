@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CLEAN_SAMPLES = sorted((REPO.parent / "shared" / "samples" / "clean").glob("*.fits"))
+CLEAN_SAMPLES = sorted((REPO / "examples" / "cutouts" / "clean").glob("*.fits"))
 
 
 def free_port() -> int:

@@ -1,7 +1,7 @@
 """The HTTP API, end to end.
 
 Two ways in: a real ``lensserve serve`` process (uvicorn on a free port) for
-the shared sample cutouts and the hostile inputs, and the same app in process
+the repository's sample cutouts and the hostile inputs, and the same app in process
 (Starlette's TestClient) where a test needs its own settings. Expected model
 numbers are never constants: formats are compared with the clean cube of the
 same object, answered by the same server.
@@ -39,7 +39,7 @@ from service.errors import (
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO.parent / "shared" / "samples"
+SAMPLES = REPO / "examples" / "cutouts"
 CLEAN = sorted((SAMPLES / "clean").glob("*.fits"))
 FORMATS = sorted((SAMPLES / "formats").glob("*"))
 SERVER_BODY_LIMIT = 4 * 1024 * 1024
@@ -49,10 +49,6 @@ LOSSY_TOLERANCE = 0.02
 LOSSY_SUFFIXES = ("_int16.fits", "_rice.fits", "_nan.fits")
 SEED = 20240611
 FITS_MEDIA = {"content-type": "application/fits"}
-
-pytestmark = pytest.mark.skipif(
-    not CLEAN, reason=f"the shared sample cutouts are missing from {SAMPLES}"
-)
 
 
 @pytest.fixture(scope="module")

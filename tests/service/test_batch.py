@@ -33,7 +33,7 @@ from service.errors import InvalidBatchInputError, InvalidFitsError
 from service.schemas import encode_result
 
 REPO = Path(__file__).resolve().parents[2]
-CLEAN_SAMPLES = sorted((REPO.parent / "shared" / "samples" / "clean").glob("*.fits"))
+CLEAN_SAMPLES = sorted((REPO / "examples" / "cutouts" / "clean").glob("*.fits"))
 SEED = 20240611
 #: Agreement with the API for every number (float32 models, different thread counts).
 TOLERANCE = 1e-4
@@ -42,7 +42,7 @@ DETERMINISTIC = ("lens_probability",) + tuple(
 )
 MC_FIELDS = tuple(c.name for c in COLUMNS if c.name.startswith("einstein_radius_"))
 
-needs_samples = pytest.mark.skipif(not CLEAN_SAMPLES, reason="shared sample cutouts missing")
+needs_samples = pytest.mark.skipif(not CLEAN_SAMPLES, reason="sample cutouts missing")
 
 
 @pytest.fixture(autouse=True)

@@ -479,3 +479,63 @@ def test_nonsense_configuration_is_rejected():
             max_queue_size=1,
             max_concurrent_batches=0,
         )
+
+
+class PerItemSleep:
+    """A batch function whose run time is a set time per unit of size: a known service
+    time. Each item is its own size."""
+
+    def __init__(self, seconds_per_item: float) -> None:
+        self.seconds_per_item = seconds_per_item
+
+    def __call__(self, items: list[int]) -> list[int]:
+        time.sleep(self.seconds_per_item * sum(items))
+        return list(items)
+
+
+def test_the_service_time_per_item_is_measured_from_the_batches_that_ran():
+    service = PerItemSleep(0.01)
+
+    async def body() -> tuple[float | None, float | None]:
+        batcher = DynamicBatcher(
+            service, max_batch_size=8, max_batch_wait_s=0.05, max_queue_size=64
+        )
+        before = batcher.seconds_per_item
+        async with running(batcher):
+            await asyncio.gather(*(batcher.submit(1) for _ in range(8)))
+            await asyncio.gather(*(batcher.submit(4, size=4) for _ in range(2)))
+            return before, batcher.seconds_per_item
+
+    before, measured = run(body)
+    assert before is None
+    # Two batches of 8 at 10 ms per item: time.sleep never returns early, and a busy
+    # machine may add a few milliseconds per batch (80 ms each).
+    assert measured is not None
+    assert 0.01 <= measured < 0.02
+
+
+def test_a_failed_batch_does_not_move_the_service_time():
+    calls = 0
+
+    def slow_then_failing(items: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            time.sleep(0.01 * len(items))
+            return list(items)
+        time.sleep(0.5)
+        raise RuntimeError("the model broke")
+
+    async def body() -> tuple[float | None, float | None]:
+        batcher = DynamicBatcher(
+            slow_then_failing, max_batch_size=4, max_batch_wait_s=0.0, max_queue_size=64
+        )
+        async with running(batcher):
+            await batcher.submit(0, size=4)
+            measured = batcher.seconds_per_item
+            with pytest.raises(InferenceError):
+                await batcher.submit(1, size=4)
+            return measured, batcher.seconds_per_item
+
+    measured, after = run(body)
+    assert measured is not None and after == measured

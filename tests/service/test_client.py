@@ -43,11 +43,11 @@ from service.client import (
 from service.client.predict import read_finished_rows, run_predict
 
 REPO = Path(__file__).resolve().parents[2]
-CLEAN_SAMPLES = sorted((REPO.parent / "shared" / "samples" / "clean").glob("*.fits"))
+CLEAN_SAMPLES = sorted((REPO / "examples" / "cutouts" / "clean").glob("*.fits"))
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(len(CLEAN_SAMPLES) != 12, reason="the 12 shared clean samples are missing"),
+    pytest.mark.skipif(len(CLEAN_SAMPLES) != 12, reason="the 12 clean samples are missing"),
 ]
 #: Agreement with the server's direct answer: the classifier and regressor are deterministic.
 TOLERANCE = 1e-6

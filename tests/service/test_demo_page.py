@@ -23,7 +23,7 @@ import pytest
 from astropy.io import fits
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO.parent / "shared" / "samples" / "clean"
+SAMPLES = REPO / "examples" / "cutouts" / "clean"
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = REPO / "docs" / "demo.png"
 #: Two lenses with large Einstein radii and a plain galaxy (truth.csv), for a telling screenshot.
@@ -40,7 +40,7 @@ DISPLAY_SCALE = 4
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not all(p.exists() for p in SHOWN), reason="shared samples missing"),
+    pytest.mark.skipif(not all(p.exists() for p in SHOWN), reason="samples missing"),
 ]
 
 
@@ -281,3 +281,31 @@ def test_the_overlay_toggle_draws_the_explanation_over_the_composite(page, live_
     card.locator("input.overlay-toggle").uncheck()
     assert canvas.get_attribute("data-overlay") == "off"
     np.testing.assert_array_equal(_composite_pixels(page, path.name), before)
+
+
+def test_a_drop_of_per_band_files_is_one_object(page, live_server, tmp_path):
+    """obj_g/r/i.fits (and an unused obj_z.fits) beside a whole cube: two cards, the object's
+    answered as the plain cube of the same pixels is (issue 16)."""
+    cube = fits.getdata(SHOWN[0]).astype(np.float32)  # g, r, i (samples/README.md)
+    header = fits.getheader(SHOWN[0])
+    for band, plane in zip("griz", [*cube, cube[2]], strict=True):
+        band_header = header.copy()
+        band_header.remove("BANDS", ignore_missing=True)
+        band_header["FILTER"] = f"DECam {band}"
+        fits.PrimaryHDU(plane, band_header).writeto(tmp_path / f"obj_{band}.fits")
+    uploads = [tmp_path / f"obj_{band}.fits" for band in "griz"] + [SHOWN[1]]
+    answers = _direct_answers(live_server, [SHOWN[0], SHOWN[1]])
+
+    page.goto(f"{live_server}/?seed={SEED}")
+    page.set_input_files("#files", [str(p) for p in uploads])
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+
+    names = page.eval_on_selector_all(".card", "cs => cs.map(c => c.dataset.filename)")
+    assert sorted(names) == sorted(["obj_g.fits+obj_r.fits+obj_i.fits", SHOWN[1].name])
+    card = page.locator('.card[data-filename="obj_g.fits+obj_r.fits+obj_i.fits"]')
+    np.testing.assert_allclose(
+        float(card.locator(".prob").get_attribute("data-value") or "nan"),
+        answers[SHOWN[0].name]["lens_probability"],
+        atol=1e-3,
+    )
+    assert "image not shown" not in card.inner_text()  # its pixels came from /v1/cutout

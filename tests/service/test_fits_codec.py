@@ -1,8 +1,8 @@
 """Tests of service.fits.decode: every accepted layout, every limit, and hostile bytes.
 
 FITS files are built in memory or in tmp_path with astropy from seeded RNGs;
-the shared samples (``../shared/samples`` beside the repository) are the
-reference layouts.
+the repository's sample cutouts (``examples/cutouts``) are the reference
+layouts.
 """
 
 import csv
@@ -40,7 +40,7 @@ from service.errors import (
 )
 from service.fits.decode import DEFAULT_LIMITS, DecodedCutout, FitsLimits, decode_fits
 
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "examples" / "cutouts"
 CLEAN = sorted((SAMPLES / "clean").glob("*.fits"))
 FORMATS = sorted((SAMPLES / "formats").glob("*"))
 ALL_SAMPLES = CLEAN + FORMATS
@@ -127,7 +127,7 @@ def test_error_codes_are_stable_snake_case_and_distinct():
 
 
 def test_the_samples_are_there():
-    assert len(CLEAN) == 12 and len(FORMATS) == 14, SAMPLES
+    assert len(CLEAN) == 12 and len(FORMATS) == 7, SAMPLES
 
 
 @pytest.mark.parametrize("path", ALL_SAMPLES, ids=lambda p: p.name)

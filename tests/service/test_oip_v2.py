@@ -32,13 +32,13 @@ from service.fits.decode import DEFAULT_LIMITS
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-CLEAN_SAMPLES = sorted((REPO.parent / "shared" / "samples" / "clean").glob("*.fits"))
+CLEAN_SAMPLES = sorted((REPO / "examples" / "cutouts" / "clean").glob("*.fits"))
 MODELS = read_model_cards(REPO / "models")
 SEED = 20240611
 #: Agreement between /v1 and /v2 for the same float32 model calls (arcsec or probability).
 TOLERANCE = 1e-4
 
-needs_samples = pytest.mark.skipif(not CLEAN_SAMPLES, reason="shared sample cutouts missing")
+needs_samples = pytest.mark.skipif(not CLEAN_SAMPLES, reason="sample cutouts missing")
 
 
 # ----------------------------------------------------------------------------- codec

@@ -3,7 +3,7 @@
 Every comparison decodes the same bytes twice: through :func:`decode_fits` as
 served (plain reader first) and with the plain reader switched off (astropy for
 everything), and asserts the same pixels, masked fraction, sky position and
-warnings, or the same error. The inputs are the shared samples, files written
+warnings, or the same error. The inputs are the sample cutouts, files written
 by astropy, and hypothesis-edited headers.
 """
 
@@ -22,7 +22,7 @@ from service.errors import LensServeError
 from service.fits.decode import DEFAULT_LIMITS, decode_fits
 from service.fits.plain import read_plain_primary
 
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "examples" / "cutouts"
 CLEAN = sorted((SAMPLES / "clean").glob("*.fits"))
 FORMATS = sorted((SAMPLES / "formats").glob("*"))
 #: Layouts the plain reader takes (after gunzip); the others are astropy's.

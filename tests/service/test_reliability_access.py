@@ -16,7 +16,7 @@ from service.api.guards import is_protected, presented_key
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-CLEAN = sorted((REPO.parent / "shared" / "samples" / "clean").glob("*.fits"))
+CLEAN = sorted((REPO / "examples" / "cutouts" / "clean").glob("*.fits"))
 #: Test keys, made up here: at least 16 printable characters each.
 KEYS = ("test-key-0123456789abcdef", "second-key-fedcba9876543210")
 ORIGIN = "https://lenses.example.org"

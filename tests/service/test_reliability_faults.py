@@ -9,6 +9,7 @@ is done by polling the server's own metrics, never by sleeping a fixed time.
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import threading
@@ -30,7 +31,7 @@ from service.core.runtime import OnnxModelRuntime, RawPredictions
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO.parent / "shared" / "samples"
+SAMPLES = REPO / "examples" / "cutouts"
 CLEAN = sorted((SAMPLES / "clean").glob("*.fits"))
 FITS_MEDIA = {"content-type": "application/fits"}
 WAIT_LIMIT_S = 60.0
@@ -261,6 +262,72 @@ def test_overload_is_a_quick_503_with_retry_after_and_readiness_says_so():
             assert queued.result().status_code == 200
         _wait_for(lambda: _in_flight(url) == 0, "the trickling client's slot to be freed")
         assert _ready(url)
+
+
+@pytest.mark.slow
+def test_a_queue_whose_expected_wait_passes_the_deadline_is_refused_and_a_short_one_is_not():
+    runtime = FaultyRuntime()
+    settings = Settings(
+        device="cpu",
+        warmup=False,
+        max_batch_wait_s=0.0,
+        model_instances=1,
+        # Shorter than one cutout's service time: one cutout admitted ahead is too many.
+        max_queue_wait_s=0.001,
+        overload_retry_after_s=7,
+    )
+    with serve(settings, runtime) as url:
+        # Nothing ahead: one request after another is admitted, before the service time is
+        # measured and after.
+        for path in CLEAN[:2]:
+            assert _post(url, [path], samples=16).status_code == 200
+        assert _metric(url, "lensserve_expected_queue_wait_seconds") == 0.0
+        runtime.gate.clear()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            held = pool.submit(_post, url, CLEAN[2:3], samples=16)
+            _wait_for(lambda: len(runtime.batch_sizes) == 3, "the third batch to start")
+            assert _metric(url, "lensserve_admitted_cutouts") == 1
+            # One cutout ahead, at the service time measured on the first two batches.
+            wait_s = _metric(url, "lensserve_expected_queue_wait_seconds")
+            assert wait_s >= settings.max_queue_wait_s
+            retry_after = str(max(1, math.ceil(wait_s)))  # from the wait, not the setting
+            # Refused before its body is read: the headers alone get the answer.
+            head = _headers_only_post(url, CLEAN[3])
+            assert head.startswith(b"HTTP/1.1 503"), head
+            assert f"retry-after: {retry_after}\r\n".encode() in head.lower()
+            refusals = [_post(url, CLEAN[3:4], samples=16) for _ in range(2)]
+            for refused in refusals:
+                assert refused.status_code == 503 and _error_code(refused) == "overloaded"
+                assert refused.headers["retry-after"] == retry_after
+                assert "waiting more than 0.001 s" in refused.json()["error"]["message"]
+            # The answer is rendered once and replayed.
+            assert refusals[0].content == refusals[1].content
+            assert _metric(url, "lensserve_admission_refusals_total", reason="queue_wait") == 3
+            assert _metric(url, "lensserve_errors_total", code="overloaded") == 3
+            runtime.gate.set()
+            assert held.result().status_code == 200
+        # The queue drained: admitted again.
+        _wait_for(lambda: _metric(url, "lensserve_admitted_cutouts") == 0, "an empty queue")
+        assert _post(url, CLEAN[3:4], samples=16).status_code == 200
+        assert runtime.batch_sizes == [1, 1, 1, 1]
+
+
+def _headers_only_post(url: str, path: Path) -> bytes:
+    """Send a POST's headers, declaring the file's length, but none of its body; return the
+    head of the answer."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/fits\r\n"
+            b"Content-Length: " + str(path.stat().st_size).encode() + b"\r\n\r\n"
+        )
+        sock.settimeout(WAIT_LIMIT_S)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+    return head
 
 
 @contextmanager

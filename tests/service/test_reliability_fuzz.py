@@ -1,7 +1,7 @@
 """Hostile FITS input: astropy's own test files and mutants of real files, decoder and HTTP.
 
 The seeds are every FITS file astropy ships for its own tests (tables, random
-groups, compressed images, checksums, broken headers) and the shared sample
+groups, compressed images, checksums, broken headers) and the repository's sample
 cutouts. Hypothesis mutates them structurally (lies in NAXISn, BITPIX, PCOUNT,
 ZNAXISn..., hostile cards, flipped bytes, spliced blocks, truncation, gzip).
 The decoder may only answer or raise a :class:`~service.errors.LensServeError`;
@@ -34,7 +34,7 @@ from service.fits.decode import FitsLimits, decode_fits
 
 ASTROPY_DATA = Path(astropy.__file__).parent / "io" / "fits" / "tests" / "data"
 ASTROPY_FILES = sorted(p for p in ASTROPY_DATA.rglob("*") if p.is_file() and ".fits" in p.name)
-SAMPLES = Path(__file__).resolve().parents[2].parent / "shared" / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "examples" / "cutouts"
 SAMPLE_FILES = sorted((SAMPLES / "clean").glob("*.fits")) + sorted((SAMPLES / "formats").glob("*"))
 SEED_FILES = ASTROPY_FILES + SAMPLE_FILES
 #: The issue asks for at least this many mutants over HTTP.

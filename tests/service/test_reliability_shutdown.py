@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CLEAN = sorted((REPO.parent / "shared" / "samples" / "clean").glob("*.fits"))
+CLEAN = sorted((REPO / "examples" / "cutouts" / "clean").glob("*.fits"))
 CLIENTS = 4
 FILES_PER_REQUEST = 4
 #: Long enough for the clients to see readiness fall before the port closes on a busy box.

@@ -39,7 +39,7 @@ from service.errors import InferenceError, ModelUnavailableError
 from service.fits.decode import DEFAULT_LIMITS
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-CLEAN_SAMPLES = sorted((MODELS_DIR.parents[1] / "shared" / "samples" / "clean").glob("*.fits"))
+CLEAN_SAMPLES = sorted((MODELS_DIR.parent / "examples" / "cutouts" / "clean").glob("*.fits"))
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +291,7 @@ def _flatten(prediction: CutoutPrediction) -> list[float]:
     ]
 
 
-@pytest.mark.skipif(not CLEAN_SAMPLES, reason="shared sample cutouts missing")
+@pytest.mark.skipif(not CLEAN_SAMPLES, reason="sample cutouts missing")
 def test_two_model_path_answers_as_the_three_model_path(models_copy, monkeypatch):
     _without_mc_parameters(models_copy)
     runtimes = {

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from service.fits.tan_wcs import simple_tan_wcs
 
-SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "samples"
+SAMPLES = Path(__file__).resolve().parents[2] / "examples" / "cutouts"
 #: Agreement with wcslib (degrees): 1e-9 deg is 3.6 micro-arcsec.
 SKY_TOLERANCE_DEG = 1e-9
 
@@ -72,7 +72,7 @@ def test_plain_tan_matches_astropy(ra, dec, crpix, scale_arcsec, rotation_deg, f
 
 
 @pytest.mark.parametrize("path", sorted((SAMPLES / "clean").glob("*.fits")), ids=lambda p: p.name)
-def test_the_shared_samples_take_the_fast_path_and_match_astropy(path):
+def test_the_samples_take_the_fast_path_and_match_astropy(path):
     header = fits.getheader(path)
     tan = simple_tan_wcs(header)
     assert tan is not None

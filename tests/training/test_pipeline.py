@@ -33,6 +33,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert main(["evaluate", "--data", str(data), "--runs", str(runs)]) == 0
     assert main(["export", "--runs", str(runs), "--models", str(models), "--data", str(data)]) == 0
     _check_finetune(runs, data, tmp_path / "tuned")
+    _check_finetune_classifier_from_models(models, data, tmp_path / "tuned_from_models")
     _check_recalibrate(tmp_path / "tuned", data)
 
     image = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
@@ -83,6 +84,25 @@ def _check_finetune(runs, data, tuned) -> None:
         np.testing.assert_array_equal(a, b)
     summary = json.loads((tuned / "training.json").read_text())
     assert summary["fine_tuned_regressor"]["epochs"] == 1
+
+
+def _check_finetune_classifier_from_models(models, data, tuned) -> None:
+    """finetune starts from a models/ folder (its MC card's training summary) and, with
+    --classifier-epochs, moves the classifier's weights too."""
+    import keras
+
+    command = ["finetune", "--runs", str(models), "--data", str(data), "--out", str(tuned)]
+    assert main([*command, "--epochs", "1", "--preset", "cpu", "--classifier-epochs", "1"]) == 0
+
+    def weights(folder):
+        model = keras.saving.load_model(folder / "lens_classifier.keras", compile=False)
+        return model.get_weights()
+
+    before, after = weights(models), weights(tuned)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    summary = json.loads((tuned / "training.json").read_text())
+    assert summary["fine_tuned_classifier"]["epochs"] == 1
+    assert len(summary["fine_tuned_classifier"]["val_auroc"]) == 1
 
 
 def _check_recalibrate(run, data) -> None:

@@ -20,7 +20,7 @@ from training.models import build_mc_sampler, mc_trunk_and_head  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
-SAMPLES = ROOT.parent / "shared" / "samples" / "clean"
+SAMPLES = ROOT / "examples" / "cutouts" / "clean"
 NAMES = ("lens_classifier", "einstein_radius", "einstein_radius_mc")
 
 

@@ -1,5 +1,6 @@
 // lensserve demo page: post FITS files to /v1/predict, draw each cutout from /v1/cutout,
 // and on request overlay the occlusion map (explain=true) of what drives the answer.
+// Files named <stem>_<band>.fits[.gz] for the model's bands are one object, sent together.
 "use strict";
 
 const DISPLAY_SCALE = 4; // screen pixels per cutout pixel
@@ -20,12 +21,60 @@ drop.addEventListener("drop", (e) => {
   handleFiles([...e.dataTransfer.files]);
 });
 
+const BAND_FILE = /^(.+)_([A-Za-z0-9]+)\.(?:fits|fit)(?:\.gz)?$/i;
+let modelBands = null;
+
+// The models' bands, from their cards (g, r, i for the shipped ones).
+async function readBands() {
+  if (modelBands) return modelBands;
+  try {
+    const body = await (await fetch("/v1/models")).json();
+    const card = Object.values(body.models || {})[0];
+    modelBands = card.input.bands.map((b) => b.toLowerCase());
+  } catch (exc) {
+    modelBands = ["g", "r", "i"];
+  }
+  return modelBands;
+}
+
+// Objects to send: whole files, and groups of one file per band (other bands left out).
+function groupObjects(files, bands) {
+  const objects = [];
+  const groups = new Map();
+  const stems = new Set();
+  for (const f of files) {
+    const m = f.name.match(BAND_FILE);
+    if (m && bands.includes(m[2].toLowerCase())) stems.add(m[1]);
+  }
+  for (const f of files) {
+    const m = f.name.match(BAND_FILE);
+    if (!m || !stems.has(m[1])) { objects.push({ name: f.name, file: f }); continue; }
+    const band = m[2].toLowerCase();
+    if (!bands.includes(band)) continue; // z, Y...: the model does not use them
+    if (!groups.has(m[1])) {
+      const group = { name: m[1], parts: [] };
+      groups.set(m[1], group);
+      objects.push(group);
+    }
+    groups.get(m[1]).parts.push([band, f]);
+  }
+  return objects;
+}
+
 async function handleFiles(files) {
   if (!files.length) return;
   gallery.replaceChildren();
   statusLine.textContent = `Sending ${files.length} file(s)…`;
-  const results = await predict(files);
-  const cards = await Promise.all(results.map((r, i) => buildCard(r, files[i])));
+  const objects = groupObjects(files, await readBands());
+  const whole = objects.filter((o) => o.file);
+  const answers = new Map();
+  const wholeResults = whole.length ? await predict(whole.map((o) => o.file)) : [];
+  whole.forEach((o, i) => answers.set(o, wholeResults[i]));
+  await Promise.all(objects.filter((o) => o.parts).map(async (o) => {
+    answers.set(o, (await predictObject(o))[0]);
+  }));
+  const results = objects.map((o) => answers.get(o));
+  const cards = await Promise.all(results.map((r, i) => buildCard(r, objects[i])));
   // Gallery sorted by lens probability, most lens-like first; failed files last.
   const order = results.map((r, i) => i).sort(
     (a, b) => (results[b].lens_probability ?? -1) - (results[a].lens_probability ?? -1));
@@ -35,22 +84,41 @@ async function handleFiles(files) {
   document.body.dataset.state = "done";
 }
 
-// One result per file, in order; a refused request becomes an error on every file.
-async function predict(files) {
-  const form = new FormData();
-  for (const f of files) form.append("files", f, f.name);
+function predictQuery() {
   // The page's own ?seed=N (optional) makes the MC-dropout answers reproducible.
   const query = new URLSearchParams({ include_samples: "true", explain: "true" });
   const seed = new URLSearchParams(location.search).get("seed");
   if (seed !== null) query.set("seed", seed);
+  return query;
+}
+
+// One result per file, in order; a refused request becomes an error on every file.
+async function predict(files) {
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  return postForm(form, files.map((f) => f.name));
+}
+
+// One object as one file per band: the fields are the bands; one result.
+async function predictObject(object) {
+  return postForm(bandForm(object), [object.name]);
+}
+
+function bandForm(object) {
+  const form = new FormData();
+  for (const [band, f] of object.parts) form.append(band, f, f.name);
+  return form;
+}
+
+async function postForm(form, names) {
   try {
-    const response = await fetch(`/v1/predict?${query}`, { method: "POST", body: form });
+    const response = await fetch(`/v1/predict?${predictQuery()}`, { method: "POST", body: form });
     const body = await response.json();
     if (response.ok) return body.results;
     const error = body.error || { code: `http_${response.status}`, message: response.statusText };
-    return files.map((f) => ({ filename: f.name, error }));
+    return names.map((filename) => ({ filename, error }));
   } catch (exc) {
-    return files.map((f) => ({ filename: f.name, error: { code: "network_error", message: String(exc) } }));
+    return names.map((filename) => ({ filename, error: { code: "network_error", message: String(exc) } }));
   }
 }
 
@@ -63,7 +131,7 @@ function el(tag, attrs = {}, ...children) {
 
 const fmt = (x, digits = 2) => Number(x).toFixed(digits);
 
-async function buildCard(result, file) {
+async function buildCard(result, object) {
   const card = el("article", { class: "card", "data-filename": result.filename });
   card.append(el("h2", {}, result.filename));
   if (result.error) {
@@ -96,7 +164,7 @@ async function buildCard(result, file) {
     card.append(el("p", { class: "warnings" }, result.warnings.join("; ")));
   }
   try {
-    const cutout = await fetchPixels(file);
+    const cutout = await fetchPixels(object);
     drawComposite(composite, cutout, p, null);
     if (result.explanation) card.append(overlayControls(composite, cutout, result));
   } catch (exc) {
@@ -105,12 +173,14 @@ async function buildCard(result, file) {
   return card;
 }
 
-async function fetchPixels(file) {
-  const response = await fetch("/v1/cutout", {
-    method: "POST",
-    body: file,
-    headers: { "content-type": "application/fits", "x-filename": file.name },
-  });
+async function fetchPixels(object) {
+  const response = object.parts
+    ? await fetch("/v1/cutout", { method: "POST", body: bandForm(object) })
+    : await fetch("/v1/cutout", {
+      method: "POST",
+      body: object.file,
+      headers: { "content-type": "application/fits", "x-filename": object.file.name },
+    });
   const body = await response.json();
   if (!response.ok) throw new Error(body.error ? body.error.message : response.statusText);
   return body;
