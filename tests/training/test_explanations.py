@@ -67,14 +67,12 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation; 0 when either side is constant (no ranking at all)."""
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return 0.0
+    """Spearman rank correlation of two non-constant vectors."""
     return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
 
 
 @pytest.mark.slow
-def test_a_randomised_classifier_gives_different_maps(tmp_path):
+def test_a_randomised_classifier_gives_different_maps(tmp_path, capsys):
     lenses = check.simulate_lenses(24, seed=17)
     regressor = check.session(MODELS_DIR / "einstein_radius.onnx")
     real = check.occlusion_maps(
@@ -86,20 +84,23 @@ def test_a_randomised_classifier_gives_different_maps(tmp_path):
 
     # One value per patch: the 3 x 3 grid's 8-pixel cells, at their first pixel.
     cells = (slice(20, 44, 8), slice(20, 44, 8))
-    correlations = [
-        _spearman(
-            np.abs(r.lens_probability[cells]).ravel(), np.abs(q.lens_probability[cells]).ravel()
-        )
+    pairs = [
+        (np.abs(r.lens_probability[cells]).ravel(), np.abs(q.lens_probability[cells]).ravel())
         for r, q in zip(real, random, strict=True)
     ]
-    # Measured -0.06 on 30 other simulated lenses; the same model would give exactly 1.
+    # A map with one value everywhere (a saturated P(lens) = 1 that no patch moves) ranks
+    # nothing: such lenses are left out rather than counted as uncorrelated.
+    ranked = [(a, b) for a, b in pairs if np.ptp(a) > 0 and np.ptp(b) > 0]
+    assert len(ranked) >= 16, f"only {len(ranked)} of 24 lenses have two non-constant maps"
+    correlations = [_spearman(a, b) for a, b in ranked]
+    with capsys.disabled():
+        print(
+            f"mean rank correlation, trained vs randomised: {np.mean(correlations):.3f} "
+            f"over {len(ranked)} lenses"
+        )
+    # Measured 0.03 (21 of these 24 lenses); the same model would give exactly 1.
     assert np.mean(correlations) < 0.3, correlations
-    assert any(
-        not np.allclose(r.lens_probability, q.lens_probability)
-        for r, q in zip(real, random, strict=True)
-    )
-    # Control: the trained classifier's maps of the same lenses are not all zero.
-    assert np.mean([np.abs(r.lens_probability).sum() > 0 for r in real]) > 0.9
+    assert not any(np.allclose(a, b) for a, b in ranked)
 
 
 @pytest.mark.slow
