@@ -5,14 +5,15 @@ networks", sec. 4.2): each of K square patches of the preprocessed cutout is
 set to 0 in every band, which is the sky level after preprocessing (each band
 loses its border median, and asinh(0) = 0; :mod:`service.contract.preprocessing`).
 The K occluded copies of every cutout go through the classifier and the point
-regressor in one onnxruntime call per model. A patch's *drop* is the model's
+regressor, batched (one onnxruntime call per model for each ``max_batch_size``
+copies). A patch's *drop* is the model's
 answer on the cutout minus its answer with the patch occluded; each pixel of a
 map is the mean drop of the patches that cover it, and 0 where none does.
 
 Cost and geometry
     Every occluded copy costs one classifier and one regressor pass, which is
     about what the plain answer costs per cutout (the classifier plus the MC
-    graph's one trunk pass: ``lensserve bench`` rows (a) and (b) differ by 8%).
+    graph's one trunk pass: ``lensserve bench`` rows (a) and (b) differ by 8-15%).
     An explanation with K patches therefore costs about 1 + K plain answers;
     to stay within 10x, K is 9: a 3 x 3 grid of 8 x 8 pixel patches with
     stride 8 over the central 24 x 24 pixels (6.3 arcsec square). The cutouts
