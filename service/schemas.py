@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.contract.cards import ModelCard
+from service.core.explain import Explanation
 from service.core.inference import CutoutPrediction
 from service.errors import LensServeError
 
@@ -133,6 +136,34 @@ class SkyPosition(BaseModel):
     dec: float = Field(description="Declination (degrees).")
 
 
+#: Decimals kept in the explanation maps: 1e-6 in probability or arcsec, far below what
+#: occluding 64 pixels changes, and a quarter of the JSON of full float32 values.
+EXPLANATION_DECIMALS = 6
+
+
+class ExplanationMaps(BaseModel):
+    """Occlusion-sensitivity maps over the cutout's pixels (`explain=true` only).
+
+    Each map is indexed [row][column] like the cutout's pixels (row 0 is the first FITS
+    row). A value is the mean drop of the model's answer when a patch covering the pixel is
+    set to the sky level, over the patches that cover it; pixels outside the probed central
+    square are 0. Positive: that light raises the answer.
+    """
+
+    method: str = Field(description="`occlusion` (Zeiler & Fergus 2014).")
+    lens_probability: list[list[float]] = Field(
+        description="Drop in P(lens) (probability) when the pixel is occluded."
+    )
+    theta_E: list[list[float]] = Field(
+        description="Drop in the point theta_E (arcsec) when the pixel is occluded."
+    )
+    patch_pixels: int = Field(description="Side of each occluded square patch (pixels).")
+    stride_pixels: int = Field(description="Step between neighbouring patches (pixels).")
+    region_pixels: int = Field(
+        description="Side of the central square the patches tile (pixels); 0 outside it."
+    )
+
+
 class CutoutResult(BaseModel):
     """The answer for one input file; either the predictions or `error` is set."""
 
@@ -153,6 +184,12 @@ class CutoutResult(BaseModel):
     )
     error: ErrorDetail | None = Field(
         description="Why this file could not be used (multi-file requests only); null on success."
+    )
+    explanation: ExplanationMaps | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="What drives P(lens) and theta_E, pixel by pixel; present only with "
+        "`explain=true`.",
     )
 
 
@@ -230,6 +267,7 @@ def encode_result(outcome: CutoutPrediction | LensServeError, *, filename: str) 
             error=encode_error(outcome),
         )
     radius = outcome.einstein_radius
+    maps = outcome.explanation
     wcs = None
     if outcome.ra_deg is not None and outcome.dec_deg is not None:
         wcs = SkyPosition(ra=outcome.ra_deg, dec=outcome.dec_deg)
@@ -251,4 +289,21 @@ def encode_result(outcome: CutoutPrediction | LensServeError, *, filename: str) 
         wcs=wcs,
         warnings=list(outcome.warnings),
         error=None,
+        explanation=None if maps is None else encode_explanation(maps),
+    )
+
+
+def _rounded(values: NDArray[np.float32]) -> list[list[float]]:
+    return np.round(values.astype(np.float64), EXPLANATION_DECIMALS).tolist()
+
+
+def encode_explanation(explanation: Explanation) -> ExplanationMaps:
+    """The JSON model of one cutout's occlusion maps, rounded to ``EXPLANATION_DECIMALS``."""
+    return ExplanationMaps(
+        method=explanation.method,
+        lens_probability=_rounded(explanation.lens_probability),
+        theta_E=_rounded(explanation.theta_E),
+        patch_pixels=explanation.grid.patch_pixels,
+        stride_pixels=explanation.grid.stride_pixels,
+        region_pixels=explanation.grid.region_pixels,
     )

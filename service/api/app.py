@@ -243,6 +243,13 @@ def _predict_cutouts_endpoint(state: _AppState) -> Callable[..., Awaitable[Respo
                 description="Makes the MC-dropout masks and the draws reproducible.",
             ),
         ] = None,
+        explain: Annotated[
+            bool,
+            Query(
+                description="Add occlusion maps of what drives P(lens) and theta_E to each "
+                "result (about ten times the cost of the answer)."
+            ),
+        ] = False,
     ) -> Response:
         """Answer one result per file, in order; one object sent as one file per band
         (multipart fields `g`, `r`, `i`) gets one result.
@@ -275,7 +282,11 @@ def _predict_cutouts_endpoint(state: _AppState) -> Callable[..., Awaitable[Respo
         prepared = [o for o in outcomes if isinstance(o, PreparedCutout)]
         predictions = iter(
             await state.engine.predict_cutouts(
-                prepared, num_samples=samples, seed=seed, include_samples=include_samples
+                prepared,
+                num_samples=samples,
+                seed=seed,
+                include_samples=include_samples,
+                explain=explain,
             )
         )
         answers: list[CutoutOutcome] = [

@@ -18,12 +18,14 @@ Rows (all on the same cutouts, on the machine it runs on):
 (g) HTTP flood: single-cutout requests from ``flood_connections`` clients that never
     back off (each sends its next request as soon as it has an answer, 503 or not):
     goodput (cutouts answered with 200 per second), refusals (503s per second), socket
-    errors, and the p99 latency of the admitted (200) requests.
+    errors, and the p99 latency of the admitted (200) requests;
+(h) in-process ``explain=true``: (b) plus the occlusion maps of every cutout
+    (:mod:`service.core.explain`); (b)/(h) is what an explanation costs (target <= 10).
 
 The server runs with the default settings (only the files per request and the MC
 samples are set), so (d@max) and (g) show what admission does to a new user's server.
 
-(a), (b), (c) and the most concurrent (d) alternate in rounds (``rounds``) against one
+(a), (b), (h), (c) and the most concurrent (d) alternate in rounds (``rounds``) against one
 server that idles while the in-process rows run, so their ratios compare the same minutes
 of a machine whose speed drifts; the other rows run once each, after an untimed warm-up.
 
@@ -113,6 +115,7 @@ _BOUNDARY = "lensservebenchboundary"
 FLOOR_ROW = "(a) in-process cls+reg"
 FULL_ROW = "(b) in-process full answer"
 FITS_TO_JSON_ROW = "(b') in-process FITS->JSON"
+EXPLAIN_ROW = "(h) in-process explain"
 
 
 @dataclass(frozen=True)
@@ -261,10 +264,14 @@ def measure_floor(
 
 
 def _answer_json(
-    runtime: OnnxModelRuntime, prepared: Sequence[PreparedCutout], samples: int
+    runtime: OnnxModelRuntime,
+    prepared: Sequence[PreparedCutout],
+    samples: int,
+    *,
+    explain: bool = False,
 ) -> str:
     """Everything after preprocessing: the model calls, summaries, results and the JSON."""
-    outcomes = predict_chunk(runtime, prepared, num_samples=samples)
+    outcomes = predict_chunk(runtime, prepared, num_samples=samples, explain=explain)
     return PredictResponse(
         model_versions=runtime.models.versions,
         results=[
@@ -280,10 +287,12 @@ def measure_full_answer(
     num_samples: int,
     duration_s: float,
     callers: int = 1,
+    explain: bool = False,
 ) -> float:
-    """(b): the full answer for one ready, preprocessed batch, in-process (cutouts/s)."""
+    """(b): the full answer for one ready, preprocessed batch, in-process (cutouts/s);
+    (h) with ``explain``: the same answer with each cutout's occlusion maps."""
     return _rate(
-        lambda: _answer_json(runtime, prepared, num_samples),
+        lambda: _answer_json(runtime, prepared, num_samples, explain=explain),
         cutouts_per_call=len(prepared),
         duration_s=duration_s,
         callers=callers,
@@ -581,9 +590,9 @@ def measure_interleaved(
     http: _HttpRunner,
     *,
     callers: int,
-) -> tuple[float, float, BenchRow, BenchRow]:
-    """(a), (b), (c) and (d) at the highest concurrency in ``config.rounds`` alternating
-    rounds: the cutouts/s of (a) and (b), and the rows of (c) and (d).
+) -> tuple[float, float, float, BenchRow, BenchRow]:
+    """(a), (b), (h), (c) and (d) at the highest concurrency in ``config.rounds`` alternating
+    rounds: the cutouts/s of (a), (b) and (h), and the rows of (c) and (d).
 
     A shared VM's speed drifts by ±10% within minutes; alternating the rows makes (b)/(a),
     (c)/(b) and (d)/(b) compare the same minutes. The server idles while the in-process
@@ -593,7 +602,7 @@ def measure_interleaved(
     images = np.stack([c.image for c in prepared])
     body, single_body = multipart_body(files), multipart_body(files[:1])
     clients = max(config.concurrencies)
-    floors, fulls, batches, singles = [], [], [], []
+    floors, fulls, explained, batches, singles = [], [], [], [], []
     http.warm_up(body, connections=2)
     http.warm_up(single_body, connections=clients)
     for _ in range(config.rounds):
@@ -607,12 +616,23 @@ def measure_interleaved(
                 callers=callers,
             )
         )
+        explained.append(
+            measure_full_answer(
+                runtime,
+                prepared,
+                num_samples=config.num_samples,
+                duration_s=config.duration_s,
+                callers=callers,
+                explain=True,
+            )
+        )
         batches.append(http.run(body, connections=2, duration_s=config.duration_s))
         singles.append(http.run(single_body, connections=clients, duration_s=config.duration_s))
     batch_row = http_row("(c) HTTP multipart", batches, per_request=len(files), connections=2)
     name = f"(d) HTTP single @{clients}"
     single_row = http_row(name, singles, per_request=1, connections=clients)
-    return float(np.mean(floors)), float(np.mean(fulls)), batch_row, single_row
+    rates = (float(np.mean(floors)), float(np.mean(fulls)), float(np.mean(explained)))
+    return (*rates, batch_row, single_row)
 
 
 def measure_http(
@@ -679,8 +699,8 @@ def run_bench(
         server.wait_ready()
         with tempfile.TemporaryDirectory(prefix="lensserve-bench-") as tmp:
             http = _HttpRunner(server, config, Path(tmp))
-            progress(f"(a), (b), (c), (d@max) in {config.rounds} alternating rounds")
-            floor, full, batch_row, single_row = measure_interleaved(
+            progress(f"(a), (b), (h), (c), (d@max) in {config.rounds} alternating rounds")
+            floor, full, explain, batch_row, single_row = measure_interleaved(
                 config, runtime, files, http, callers=callers
             )
             rounds = f"{config.rounds} rounds"
@@ -688,6 +708,7 @@ def run_bench(
             report.rows.append(BenchRow(FLOOR_ROW, floor, note=note))
             note = f"batch {len(files)} x{callers}, {config.num_samples} MC samples, {rounds}"
             report.rows.append(BenchRow(FULL_ROW, full, note=note))
+            report.rows.append(BenchRow(EXPLAIN_ROW, explain, note=f"{note}, occlusion maps"))
             progress("(b') in-process FITS to JSON")
             fits_to_json = measure_fits_to_json(
                 runtime,
@@ -745,8 +766,9 @@ def format_report(report: BenchReport) -> str:
             f"{row.name:<26} {row.cutouts_per_s:10.1f} {_ratio(row.cutouts_per_s, floor):>6} "
             f"{' '.join(ms)}  {row.note}"
         )
-    full, fits_to_json, batch, single, keras = (
+    full, explain, fits_to_json, batch, single, keras = (
         report.rate("(b)"),
+        report.rate("(h)"),
         report.rate("(b')"),
         report.rate("(c)"),
         _last_rate(report, "(d)"),
@@ -758,6 +780,7 @@ def format_report(report: BenchReport) -> str:
         f"(c)/(b') = {_ratio(batch, fits_to_json)} (target >= 0.8; both decode FITS)",
         f"(d@max)/(b') = {_ratio(single, fits_to_json)} (target >= 0.6; both decode FITS)",
         f"(c)/(e) = {_ratio(batch, keras)} (target >= 20)",
+        f"(b)/(h) = {_ratio(full, explain)} (target <= 10: explain=true's cost over the answer's)",
         f"for reference: (b')/(a) = {_ratio(fits_to_json, floor)}, "
         f"(c)/(b) = {_ratio(batch, full)}, (d@max)/(b) = {_ratio(single, full)} "
         "(FITS decode on one side only)",

@@ -23,7 +23,14 @@ from typing import TypeAlias
 import numpy as np
 from numpy.typing import NDArray
 
-from service.contract.cards import PARAMETER_COMPONENTS, InputSpec, ModelSet
+from service.contract.cards import (
+    CLASSIFIER_NAME,
+    PARAMETER_COMPONENTS,
+    REGRESSOR_NAME,
+    REQUIRED_OUTPUTS,
+    InputSpec,
+    ModelSet,
+)
 from service.contract.preprocessing import preprocess_cutout
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
@@ -31,6 +38,7 @@ from service.contract.uncertainty import (
     summarise_mc_samples,
 )
 from service.core.batching import BatchStats, DynamicBatcher
+from service.core.explain import Explanation, explain_occlusion
 from service.core.runtime import MAX_SEED, ModelRuntime, RawPredictions
 from service.errors import InferenceError, LensServeError
 from service.fits.decode import (
@@ -86,6 +94,8 @@ class CutoutPrediction:
     ra_deg: float | None
     dec_deg: float | None
     warnings: tuple[str, ...]
+    explanation: Explanation | None = None
+    """Occlusion maps of what drives P(lens) and theta_E, when they were asked for."""
 
 
 #: One slot of a batch answer: a prediction, or the error that stopped this cutout.
@@ -232,6 +242,8 @@ class _BatchItem:
     include_samples: bool
     chunk_index: int
     """Position of this chunk in its request; seeds of later chunks are derived from it."""
+    explain: bool = False
+    """Also compute occlusion maps (:mod:`service.core.explain`)."""
 
     @property
     def model_seed(self) -> int | None:
@@ -334,6 +346,7 @@ class InferenceEngine:
         num_samples: int,
         seed: int | None = None,
         include_samples: bool = False,
+        explain: bool = False,
     ) -> list[CutoutOutcome]:
         """Predict for prepared cutouts, batched with whatever else is waiting.
 
@@ -348,6 +361,8 @@ class InferenceEngine:
             A seeded request chunk runs on its own model call.
         include_samples : bool
             Also return ``num_samples`` draws from each predictive distribution.
+        explain : bool
+            Also compute each cutout's occlusion maps (about ten times the cost).
 
         Returns
         -------
@@ -373,6 +388,7 @@ class InferenceEngine:
                 seed=seed,
                 include_samples=include_samples,
                 chunk_index=index,
+                explain=explain,
             )
             for index, start in enumerate(range(0, len(cutouts), size))
         ]
@@ -404,19 +420,59 @@ class InferenceEngine:
             for i in shared:
                 stop = start + len(items[i].cutouts)
                 part = raw.select(slice(start, stop), num_samples=items[i].num_samples)
-                answers[i] = _summarise(items[i], part, self._runtime.models.mc_mixture_levels)
+                maps = _explain(self._runtime, items[i], part, self._max_batch_size)
+                answers[i] = _summarise(
+                    items[i], part, self._runtime.models.mc_mixture_levels, maps
+                )
                 start = stop
         for i, item in enumerate(items):
             if item.seed is not None:
-                answers[i] = _predict_item(self._runtime, item)
+                answers[i] = _predict_item(self._runtime, item, self._max_batch_size)
         return [answer for answer in answers if answer is not None]
 
 
-def _predict_item(runtime: ModelRuntime, item: _BatchItem) -> list[CutoutOutcome]:
+def _predict_item(
+    runtime: ModelRuntime, item: _BatchItem, max_batch_size: int
+) -> list[CutoutOutcome]:
     """One model call for one item alone, with the item's own dropout seed."""
     images = np.stack([c.image for c in item.cutouts])
     raw = runtime.predict(images, num_samples=item.num_samples, seed=item.model_seed)
-    return _summarise(item, raw, runtime.models.mc_mixture_levels)
+    maps = _explain(runtime, item, raw, max_batch_size)
+    return _summarise(item, raw, runtime.models.mc_mixture_levels, maps)
+
+
+def _explain(
+    runtime: ModelRuntime, item: _BatchItem, raw: RawPredictions, max_batch_size: int
+) -> list[Explanation] | None:
+    """The item's occlusion maps when it asked for them, against its own answers in ``raw``.
+
+    The occluded copies run through the classifier and the point regressor (no dropout), in
+    calls of at most ``max_batch_size`` copies. The regressor's theta_E equals the MC graph's
+    ``parameters`` output, which ``raw.parameters`` may come from (the shipped MC graph holds
+    the regressor's trunk and point head: their outputs are identical).
+    """
+    if not item.explain:
+        return None
+    (probability_output,) = REQUIRED_OUTPUTS[CLASSIFIER_NAME]
+    (parameters_output,) = REQUIRED_OUTPUTS[REGRESSOR_NAME]
+    theta_column = PARAMETER_COMPONENTS.index("theta_E")
+
+    def predict_lens_probability(images: NDArray[np.float32]) -> NDArray[np.float32]:
+        return runtime.run_model(CLASSIFIER_NAME, {"image": images})[probability_output]
+
+    def predict_theta_E(images: NDArray[np.float32]) -> NDArray[np.float32]:
+        return runtime.run_model(REGRESSOR_NAME, {"image": images})[parameters_output][
+            :, theta_column
+        ]
+
+    return explain_occlusion(
+        np.stack([c.image for c in item.cutouts]),
+        lens_probability=raw.lens_probability,
+        theta_E=raw.parameters[:, theta_column],
+        predict_lens_probability=predict_lens_probability,
+        predict_theta_E=predict_theta_E,
+        max_batch_size=max_batch_size,
+    )
 
 
 def predict_chunk(
@@ -426,6 +482,7 @@ def predict_chunk(
     num_samples: int,
     seed: int | None = None,
     chunk_index: int = 0,
+    explain: bool = False,
 ) -> list[CutoutOutcome]:
     """Predict for prepared cutouts in one blocking model call, without the batcher.
 
@@ -446,6 +503,8 @@ def predict_chunk(
         ``chunk_index`` as the engine derives it.
     chunk_index : int
         Position of the chunk in its request or catalogue (count from 0).
+    explain : bool
+        Also compute each cutout's occlusion maps (:mod:`service.core.explain`).
 
     Returns
     -------
@@ -461,15 +520,19 @@ def predict_chunk(
         seed=seed,
         include_samples=False,
         chunk_index=chunk_index,
+        explain=explain,
     )
-    return _predict_item(runtime, item)
+    return _predict_item(runtime, item, max(len(cutouts), 1))
 
 
 def _summarise(
-    item: _BatchItem, raw: RawPredictions, mixture_levels: tuple[float, ...]
+    item: _BatchItem,
+    raw: RawPredictions,
+    mixture_levels: tuple[float, ...],
+    explanations: list[Explanation] | None = None,
 ) -> list[CutoutOutcome]:
     """Per-cutout predictions from one item's raw model outputs; quantiles at the MC card's
-    (recalibrated) mixture levels."""
+    (recalibrated) mixture levels; the item's occlusion maps when it has them."""
     summary = summarise_mc_samples(
         raw.theta_E_samples, raw.theta_E_log_variance_samples, mixture_levels
     )
@@ -518,6 +581,7 @@ def _summarise(
                 ra_deg=cutout.ra_deg,
                 dec_deg=cutout.dec_deg,
                 warnings=cutout.warnings,
+                explanation=None if explanations is None else explanations[row],
             )
         )
     return outcomes

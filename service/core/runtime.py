@@ -123,6 +123,12 @@ class ModelRuntime(Protocol):
         """Run the models (two or three calls) on a batch of preprocessed cutouts."""
         ...
 
+    def run_model(
+        self, name: str, feeds: Mapping[str, NDArray[Any]], *, seed: int | None = None
+    ) -> dict[str, NDArray[Any]]:
+        """Run one model on ready-made input tensors; every output, keyed by its name."""
+        ...
+
     def close(self) -> None:
         """Release the sessions."""
         ...

@@ -490,11 +490,22 @@ def test_openapi_documents_bodies_responses_and_examples(app_client):
         "multipart/form-data",
     } <= set(predict["requestBody"]["content"])
     assert {"200", "400", "413", "415", "422", "503"} <= set(predict["responses"])
-    assert {p["name"] for p in predict["parameters"]} == {"samples", "include_samples", "seed"}
+    assert {p["name"] for p in predict["parameters"]} == {
+        "samples",
+        "include_samples",
+        "seed",
+        "explain",
+    }
     schemas = spec["components"]["schemas"]
     assert schemas["PredictResponse"]["examples"]
     assert "arcsec" in schemas["EinsteinRadiusDistribution"]["properties"]["mean"]["description"]
     assert set(schemas["Quantiles"]["properties"]) == {"0.025", "0.16", "0.5", "0.84", "0.975"}
+    # The explanation is optional and off the list of required result fields.
+    assert "explanation" in schemas["CutoutResult"]["properties"]
+    assert "explanation" not in schemas["CutoutResult"].get("required", [])
+    assert (
+        "probability" in schemas["ExplanationMaps"]["properties"]["lens_probability"]["description"]
+    )
     for path in ("/v1/models", "/health/live", "/health/ready", "/metrics"):
         assert "get" in spec["paths"][path]
 

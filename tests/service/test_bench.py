@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from service.bench.run import (
+    EXPLAIN_ROW,
     FITS_TO_JSON_ROW,
     FLOOR_ROW,
     FULL_ROW,
@@ -29,6 +30,7 @@ def test_format_report_prints_every_row_and_the_target_ratios():
         rows=[
             BenchRow(FLOOR_ROW, 1000.0),
             BenchRow(FULL_ROW, 600.0),
+            BenchRow(EXPLAIN_ROW, 75.0),
             BenchRow(FITS_TO_JSON_ROW, 500.0),
             BenchRow("(c) HTTP multipart", 400.0, p50_ms=10.0, p95_ms=20.0, p99_ms=30.0),
             BenchRow("(d) HTTP single @64", 300.0, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0),
@@ -50,6 +52,7 @@ def test_format_report_prints_every_row_and_the_target_ratios():
         "(c)/(b') = 0.80",
         "(d@max)/(b') = 0.60",
         "(c)/(e) = 40.00",
+        "(b)/(h) = 8.00",  # 600/75
     ):
         assert expected in text
     # The ratios with FITS decode on one side only are printed too: 500/1000, 400/600, 300/600.
@@ -182,6 +185,7 @@ def test_lensserve_bench_with_tiny_settings_prints_the_table(tmp_path: Path):
     for row in (
         FLOOR_ROW,
         FULL_ROW,
+        EXPLAIN_ROW,
         FITS_TO_JSON_ROW,
         "(c) HTTP multipart",
         "(d) HTTP single @1",

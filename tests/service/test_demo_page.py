@@ -223,6 +223,66 @@ def test_the_cutout_endpoint_answers_the_decoded_pixels(live_server):
     assert refused.json()["error"]["code"] == "invalid_fits"
 
 
+def _composite_pixels(page, name: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+    canvas = page.locator(f'.card[data-filename="{name}"] canvas.composite')
+    values = canvas.evaluate(
+        "c => Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)"
+    )
+    side = CUTOUT_PIXELS * DISPLAY_SCALE
+    return np.array(values, dtype=np.int16).reshape(side, side, 4)
+
+
+def test_the_overlay_toggle_draws_the_explanation_over_the_composite(page, live_server):
+    """The toggle draws the API's occlusion map on the probed square only, and takes it off."""
+    path = SHOWN[0]
+    files = [("files", (path.name, path.read_bytes(), "application/fits"))]
+    response = httpx.post(
+        f"{live_server}/v1/predict", files=files, params={"explain": "true"}, timeout=120
+    )
+    response.raise_for_status()
+    p_map = np.array(response.json()["results"][0]["explanation"]["lens_probability"])
+
+    page.set_input_files("#files", [str(path)])
+    page.wait_for_selector("body[data-state=done]", timeout=60_000)
+    card = page.locator(f'.card[data-filename="{path.name}"]')
+    canvas = card.locator("canvas.composite")
+    assert canvas.get_attribute("data-overlay") == "off"
+    before = _composite_pixels(page, path.name)
+
+    card.locator("input.overlay-toggle").check()
+    assert canvas.get_attribute("data-overlay") == "lens_probability"
+    after = _composite_pixels(page, path.name)
+    changed = np.abs(after - before).sum(axis=2) > 0
+    # Screen rows run top-down and FITS rows bottom-up: flip the map to screen order, one
+    # cutout pixel per DISPLAY_SCALE x DISPLAY_SCALE block.
+    block = np.ones((DISPLAY_SCALE, DISPLAY_SCALE), dtype=bool)
+    # Opacity is 0.65 |value| / peak (demo.js): from a twentieth of the peak on, at least
+    # 3% of the way to red or blue, which moves every 8-bit channel that is not already there.
+    strong = np.kron(np.abs(p_map[::-1]) >= 0.05 * np.abs(p_map).max(), block)
+    assert strong.any()
+    assert changed[strong].mean() > 0.9, "the map is not drawn where it is strong"
+    # Where the map is 0 nothing changes (the theta_E circle is redrawn the same on top).
+    assert not changed[np.kron(p_map[::-1] == 0, block)].any()
+    # The strongest cell turns red if the light there raises P(lens), blue if it lowers it.
+    on_screen = p_map[::-1]
+    row, column = np.unravel_index(np.argmax(np.abs(on_screen)), on_screen.shape)
+    cell = (
+        slice(row * DISPLAY_SCALE, (row + 1) * DISPLAY_SCALE),
+        slice(column * DISPLAY_SCALE, (column + 1) * DISPLAY_SCALE),
+    )
+    redness = [(image[cell][..., 0] - image[cell][..., 2]).mean() for image in (before, after)]
+    if on_screen[row, column] > 0:
+        assert redness[1] > redness[0]
+    else:
+        assert redness[1] < redness[0]
+
+    card.locator("select.overlay-map").select_option("theta_E")
+    assert canvas.get_attribute("data-overlay") == "theta_E"
+    card.locator("input.overlay-toggle").uncheck()
+    assert canvas.get_attribute("data-overlay") == "off"
+    np.testing.assert_array_equal(_composite_pixels(page, path.name), before)
+
+
 def test_a_drop_of_per_band_files_is_one_object(page, live_server, tmp_path):
     """obj_g/r/i.fits (and an unused obj_z.fits) beside a whole cube: two cards, the object's
     answered as the plain cube of the same pixels is (issue 16)."""

@@ -1,9 +1,11 @@
-// lensserve demo page: post FITS files to /v1/predict, draw each cutout from /v1/cutout.
+// lensserve demo page: post FITS files to /v1/predict, draw each cutout from /v1/cutout,
+// and on request overlay the occlusion map (explain=true) of what drives the answer.
 // Files named <stem>_<band>.fits[.gz] for the model's bands are one object, sent together.
 "use strict";
 
 const DISPLAY_SCALE = 4; // screen pixels per cutout pixel
 const HIST_BINS = 24;
+const OVERLAY_ALPHA = 0.65; // opacity of the strongest pixel of an overlaid map
 
 const gallery = document.getElementById("gallery");
 const statusLine = document.getElementById("status");
@@ -84,7 +86,7 @@ async function handleFiles(files) {
 
 function predictQuery() {
   // The page's own ?seed=N (optional) makes the MC-dropout answers reproducible.
-  const query = new URLSearchParams({ include_samples: "true" });
+  const query = new URLSearchParams({ include_samples: "true", explain: "true" });
   const seed = new URLSearchParams(location.search).get("seed");
   if (seed !== null) query.set("seed", seed);
   return query;
@@ -163,7 +165,8 @@ async function buildCard(result, object) {
   }
   try {
     const cutout = await fetchPixels(object);
-    drawComposite(composite, cutout, p);
+    drawComposite(composite, cutout, p, null);
+    if (result.explanation) card.append(overlayControls(composite, cutout, result));
   } catch (exc) {
     card.append(el("p", { class: "message" }, `image not shown: ${exc.message}`));
   }
@@ -224,7 +227,40 @@ function luptonRGB(cutout) {
   return new ImageData(rgba, n, n);
 }
 
-function drawComposite(canvas, cutout, parameters) {
+// A toggle and a choice of map; the composite is redrawn with the map over it, or without.
+function overlayControls(canvas, cutout, result) {
+  const toggle = el("input", { type: "checkbox", class: "overlay-toggle" });
+  const which = el("select", { class: "overlay-map" },
+    el("option", { value: "lens_probability" }, "P(lens)"),
+    el("option", { value: "theta_E" }, "θ_E"));
+  const redraw = () => drawComposite(canvas, cutout, result.parameters,
+    toggle.checked ? { name: which.value, values: result.explanation[which.value] } : null);
+  toggle.addEventListener("change", redraw);
+  which.addEventListener("change", redraw);
+  return el("p", { class: "overlay" },
+    el("label", {}, toggle, " show what drives "), which,
+    el("span", { class: "legend" }, " (red raises it, blue lowers it)"));
+}
+
+// Occlusion map over the composite: red where hiding the light lowers the answer (the light
+// raises it), blue where it raises it; opacity grows with |value|. Row 0 at the bottom.
+function drawOverlay(ctx, map) {
+  const n = map.values.length;
+  const peak = Math.max(...map.values.flat().map(Math.abs));
+  if (!(peak > 0)) return;
+  for (let row = 0; row < n; row++) {
+    for (let col = 0; col < n; col++) {
+      const v = map.values[row][col];
+      if (v === 0) continue;
+      ctx.fillStyle = v > 0 ? "rgb(255, 40, 40)" : "rgb(40, 120, 255)";
+      ctx.globalAlpha = (OVERLAY_ALPHA * Math.abs(v)) / peak;
+      ctx.fillRect(col * DISPLAY_SCALE, (n - 1 - row) * DISPLAY_SCALE, DISPLAY_SCALE, DISPLAY_SCALE);
+    }
+  }
+  ctx.globalAlpha = 1;
+}
+
+function drawComposite(canvas, cutout, parameters, overlay) {
   const n = cutout.pixels[0].length;
   const small = document.createElement("canvas");
   small.width = small.height = n;
@@ -233,6 +269,8 @@ function drawComposite(canvas, cutout, parameters) {
   const ctx = canvas.getContext("2d");
   ctx.imageSmoothingEnabled = false;
   ctx.drawImage(small, 0, 0, canvas.width, canvas.height);
+  canvas.dataset.overlay = overlay ? overlay.name : "off";
+  if (overlay) drawOverlay(ctx, overlay);
   // center_x/center_y are arcsec from the cutout centre, pixel (n-1)/2; x with column, y with row.
   const scale = cutout.pixel_scale_arcsec;
   const col = (n - 1) / 2 + parameters.center_x / scale;
