@@ -24,10 +24,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.contract.cards import PARAMETER_COMPONENTS, InputSpec, ModelSet
-from service.contract.preprocessing import preprocess_cutout
+from service.contract.preprocessing import preprocess_cutout, signal_to_noise
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
+    calibrate_by_regime,
     draw_predictive_samples,
+    draw_regime_samples,
     summarise_mc_samples,
 )
 from service.core.batching import BatchStats, DynamicBatcher
@@ -51,6 +53,16 @@ class PreparedCutout:
     dec_deg: float | None
     """Declination of the cutout centre (degrees, ICRS), when the file has a WCS."""
     warnings: tuple[str, ...]
+    signal_to_noise: float | None = None
+    """Signal-to-noise of the central aperture
+    (:func:`~service.contract.preprocessing.signal_to_noise`; dimensionless); None: not yet
+    measured (it is then measured on ``image`` when needed)."""
+
+    def measured_signal_to_noise(self) -> float:
+        """``signal_to_noise``, measured on ``image`` when it was not set (dimensionless)."""
+        if self.signal_to_noise is not None:
+            return self.signal_to_noise
+        return float(signal_to_noise(self.image))
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,9 @@ class EinsteinRadiusPrediction:
     """Quantile value (arcsec) keyed by level, for each level in ``QUANTILE_LEVELS``."""
     samples: NDArray[np.float64] | None
     """Draws from the predictive distribution (arcsec), when they were asked for."""
+    calibrated_by_regime: bool = False
+    """Whether the fields describe the card's per-regime calibrated distribution (else the
+    mixture, read at the card's mixture levels)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,8 @@ class CutoutPrediction:
     ra_deg: float | None
     dec_deg: float | None
     warnings: tuple[str, ...]
+    signal_to_noise: float | None = None
+    """Signal-to-noise of the central aperture (dimensionless), when it was measured."""
 
 
 #: One slot of a batch answer: a prediction, or the error that stopped this cutout.
@@ -179,13 +196,15 @@ def prepare_plain_cutout_for_input(
 
 def _prepared(decoded: DecodedCutout, filename: str) -> PreparedCutout:
     """A decoded cutout, preprocessed for the models."""
+    image = preprocess_cutout(decoded.pixels)
     return PreparedCutout(
         filename=filename,
-        image=preprocess_cutout(decoded.pixels),
+        image=image,
         masked_fraction=decoded.masked_fraction,
         ra_deg=decoded.ra_deg,
         dec_deg=decoded.dec_deg,
         warnings=tuple(decoded.warnings),
+        signal_to_noise=float(signal_to_noise(image)),
     )
 
 
@@ -361,7 +380,7 @@ class InferenceEngine:
             for i in shared:
                 stop = start + len(items[i].cutouts)
                 part = raw.select(slice(start, stop), num_samples=items[i].num_samples)
-                answers[i] = _summarise(items[i], part, self._runtime.models.mc_mixture_levels)
+                answers[i] = _summarise(items[i], part, self._runtime.models)
                 start = stop
         for i, item in enumerate(items):
             if item.seed is not None:
@@ -373,7 +392,7 @@ def _predict_item(runtime: ModelRuntime, item: _BatchItem) -> list[CutoutOutcome
     """One model call for one item alone, with the item's own dropout seed."""
     images = np.stack([c.image for c in item.cutouts])
     raw = runtime.predict(images, num_samples=item.num_samples, seed=item.model_seed)
-    return _summarise(item, raw, runtime.models.mc_mixture_levels)
+    return _summarise(item, raw, runtime.models)
 
 
 def predict_chunk(
@@ -422,21 +441,40 @@ def predict_chunk(
     return _predict_item(runtime, item)
 
 
-def _summarise(
-    item: _BatchItem, raw: RawPredictions, mixture_levels: tuple[float, ...]
-) -> list[CutoutOutcome]:
-    """Per-cutout predictions from one item's raw model outputs; quantiles at the MC card's
-    (recalibrated) mixture levels."""
+def _summarise(item: _BatchItem, raw: RawPredictions, models: ModelSet) -> list[CutoutOutcome]:
+    """Per-cutout predictions from one item's raw model outputs.
+
+    With a per-regime table in the MC card, the distribution is the calibrated
+    one (:func:`~service.contract.uncertainty.calibrate_by_regime`), placed by
+    the point theta_E and the cutout's signal-to-noise; otherwise the mixture,
+    its quantiles read at the card's (recalibrated) mixture levels.
+    """
+    table = models.mc_regime_table
     summary = summarise_mc_samples(
-        raw.theta_E_samples, raw.theta_E_log_variance_samples, mixture_levels
+        raw.theta_E_samples,
+        raw.theta_E_log_variance_samples,
+        None if table is not None else models.mc_mixture_levels,
     )
-    samples = (
-        draw_predictive_samples(
-            raw.theta_E_samples, raw.theta_E_log_variance_samples, item.sample_rng()
-        )
-        if item.include_samples
-        else None
-    )
+    samples = None
+    if table is None:
+        if item.include_samples:
+            samples = draw_predictive_samples(
+                raw.theta_E_samples, raw.theta_E_log_variance_samples, item.sample_rng()
+            )
+    else:
+        regime = {
+            "theta_E_arcsec": raw.parameters[:, 0].astype(np.float64),
+            "signal_to_noise": np.array([c.measured_signal_to_noise() for c in item.cutouts]),
+        }
+        if item.include_samples:
+            samples = draw_regime_samples(
+                summary,
+                table,
+                **regime,
+                num_samples=raw.theta_E_samples.shape[1],
+                rng=item.sample_rng(),
+            )
+        summary = calibrate_by_regime(summary, table, **regime)
     finite = (
         np.isfinite(raw.lens_probability)
         & np.isfinite(raw.parameters).all(axis=1)
@@ -471,10 +509,12 @@ def _summarise(
                     epistemic_std=epistemic[row],
                     quantiles=dict(zip(QUANTILE_LEVELS, quantiles[row], strict=True)),
                     samples=None if samples is None else samples[row],
+                    calibrated_by_regime=table is not None,
                 ),
                 ra_deg=cutout.ra_deg,
                 dec_deg=cutout.dec_deg,
                 warnings=cutout.warnings,
+                signal_to_noise=cutout.measured_signal_to_noise(),
             )
         )
     return outcomes
