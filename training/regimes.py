@@ -110,11 +110,14 @@ def predict_lenses(
         parts: dict[int, list[MixtureSummary]] = {t: [] for t in num_samples}
         for k, start in enumerate(range(0, len(images), batch_size)):
             batch = images[start : start + batch_size]
+            # The passes are independent draws: the first t of max(T) passes are a draw at t,
+            # as the batcher serves a request for fewer passes from a shared call.
+            raw = runtime.predict(batch, num_samples=max(num_samples), seed=seed + k)
             for t in num_samples:
-                raw = runtime.predict(batch, num_samples=t, seed=seed + k)
+                part = raw.select(slice(None), num_samples=t)
                 parts[t].append(
                     summarise_mc_samples(
-                        raw.theta_E_samples, raw.theta_E_log_variance_samples, levels
+                        part.theta_E_samples, part.theta_E_log_variance_samples, levels
                     )
                 )
             point.append(raw.parameters[:, 0])
