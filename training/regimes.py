@@ -40,6 +40,7 @@ from service.contract.uncertainty import (
     MixtureSummary,
     RegimeTable,
     calibrate_by_regime,
+    regime_spread,
     summarise_mc_samples,
 )
 from training.dataset import load_dataset
@@ -218,8 +219,8 @@ def fit_regime_table(
     signal_to_noise : ndarray, shape (n,)
         Each lens's signal-to-noise (dimensionless).
     means, stds : list of ndarray, shape (n,) each
-        The mixture's mean and standard deviation (arcsec) at each number of
-        passes pooled into the fit.
+        The mixture's mean and spread (:func:`~service.contract.uncertainty.regime_spread`;
+        arcsec) at each number of passes pooled into the fit.
     min_lenses : int
         Fewest lenses per theta_E bin (lenses).
     bands : int
@@ -305,6 +306,7 @@ def coverage_report(
                 table,
                 theta_E_arcsec=predictions.theta_E_point,
                 signal_to_noise=predictions.signal_to_noise,
+                num_samples=t,
             )
         rows: dict[str, dict] = {}
         for group, mask in groups.items():
@@ -367,7 +369,7 @@ def calibrate_regimes(
         theta_E_point=predictions.theta_E_point,
         signal_to_noise=predictions.signal_to_noise,
         means=[predictions.summaries[t].mean for t in num_samples],
-        stds=[predictions.summaries[t].std for t in num_samples],
+        stds=[regime_spread(predictions.summaries[t], t) for t in num_samples],
     )
     calibration = RegimeCalibration(
         theta_E_edges_arcsec=tuple(table.theta_E_edges_arcsec.tolist()),

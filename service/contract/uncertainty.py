@@ -193,8 +193,8 @@ class RegimeTable:
     A cutout's regime is its bin of predicted theta_E (the regressor's point
     estimate, which does not depend on the number of dropout passes) crossed
     with its band of :func:`~service.contract.preprocessing.signal_to_noise`.
-    In each regime the standardised residual r = (theta_E - m) / s, with m and
-    s the mixture's mean and standard deviation, has the quantiles
+    In each regime the standardised residual r = (theta_E - m) / s, with m the
+    mixture's mean and s its standard deviation (:func:`regime_spread`), has the quantiles
     ``residual_quantiles[i, j]`` at ``levels``, fitted on held-out lenses
     (conformal, split by regime). The calibrated distribution of a cutout is
     m + s G(Z), Z standard normal, with G piecewise linear in Z through the
@@ -282,12 +282,30 @@ class RegimeTable:
         return mean.reshape(n_theta, n_snr), std.reshape(n_theta, n_snr)
 
 
+def regime_spread(summary: MixtureSummary, num_samples: int) -> NDArray[np.float64]:
+    """The spread s that a regime table scales (arcsec), shape (n,).
+
+    The mixture's variance with the epistemic part made unbiased and widened by
+    the error of the mean of T passes: aleatoric^2 + epistemic^2 (T + 1) / (T - 1)
+    (the passes' variance is taken with 1/T; the truth's spread about the
+    T-pass mean adds 1/T of the epistemic variance). At T = 1000 it is the
+    mixture's std to 0.1%; at T = 10 it keeps the table's coverage from
+    slipping with the noisier mean. One pass has no epistemic estimate: s is
+    then the aleatoric std.
+    """
+    if num_samples < 2:
+        return summary.aleatoric_std
+    inflation = (num_samples + 1) / (num_samples - 1)
+    return np.sqrt(summary.aleatoric_std**2 + inflation * summary.epistemic_std**2)
+
+
 def calibrate_by_regime(
     summary: MixtureSummary,
     table: RegimeTable,
     *,
     theta_E_arcsec: NDArray[np.floating],
     signal_to_noise: NDArray[np.floating],
+    num_samples: int,
 ) -> MixtureSummary:
     """The summary of the per-regime calibrated distribution m + s G(Z) (see :class:`RegimeTable`).
 
@@ -305,6 +323,8 @@ def calibrate_by_regime(
         Predicted theta_E that places each cutout in its bin (arcsec).
     signal_to_noise : ndarray, shape (n,)
         Each cutout's signal-to-noise (dimensionless).
+    num_samples : int
+        MC-dropout passes the summary was made from, T (:func:`regime_spread`).
     """
     theta_bin, snr_band = table.regimes(theta_E_arcsec, signal_to_noise)
     z = np.broadcast_to(
@@ -312,12 +332,15 @@ def calibrate_by_regime(
         (len(summary.mean), len(QUANTILE_LEVELS)),
     )
     g_mean, g_std = (moment[theta_bin, snr_band] for moment in table.moments)
-    m, s = summary.mean, summary.std
+    m, s = summary.mean, regime_spread(summary, num_samples)
+    # The two parts keep the mixture's proportions of the variance.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(summary.std > 0, s * g_std / summary.std, g_std)
     return MixtureSummary(
         mean=m + s * g_mean,
         std=s * g_std,
-        aleatoric_std=summary.aleatoric_std * g_std,
-        epistemic_std=summary.epistemic_std * g_std,
+        aleatoric_std=summary.aleatoric_std * ratio,
+        epistemic_std=summary.epistemic_std * ratio,
         quantiles=m[:, None] + s[:, None] * table.standard_quantiles(z, theta_bin, snr_band),
     )
 
@@ -331,9 +354,11 @@ def draw_regime_samples(
     num_samples: int,
     rng: np.random.Generator,
 ) -> NDArray[np.float64]:
-    """Draws m + s G(Z) of theta_E (arcsec), shape (n, num_samples), from the raw ``summary``."""
+    """Draws m + s G(Z) of theta_E (arcsec), shape (n, num_samples), from the raw ``summary``
+    of ``num_samples`` passes (as :func:`calibrate_by_regime`)."""
     theta_bin, snr_band = table.regimes(theta_E_arcsec, signal_to_noise)
     z = rng.standard_normal((len(summary.mean), num_samples))
-    return summary.mean[:, None] + summary.std[:, None] * table.standard_quantiles(
+    spread = regime_spread(summary, num_samples)
+    return summary.mean[:, None] + spread[:, None] * table.standard_quantiles(
         z, theta_bin, snr_band
     )

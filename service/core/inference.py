@@ -466,15 +466,12 @@ def _summarise(item: _BatchItem, raw: RawPredictions, models: ModelSet) -> list[
             "theta_E_arcsec": raw.parameters[:, 0].astype(np.float64),
             "signal_to_noise": np.array([c.measured_signal_to_noise() for c in item.cutouts]),
         }
+        passes = raw.theta_E_samples.shape[1]
         if item.include_samples:
             samples = draw_regime_samples(
-                summary,
-                table,
-                **regime,
-                num_samples=raw.theta_E_samples.shape[1],
-                rng=item.sample_rng(),
+                summary, table, **regime, num_samples=passes, rng=item.sample_rng()
             )
-        summary = calibrate_by_regime(summary, table, **regime)
+        summary = calibrate_by_regime(summary, table, **regime, num_samples=passes)
     finite = (
         np.isfinite(raw.lens_probability)
         & np.isfinite(raw.parameters).all(axis=1)

@@ -709,23 +709,24 @@ def test_the_mc_cards_regime_table_sets_the_served_distribution(tmp_path):
     assert none["calibration"] == "mixture"
     np.testing.assert_allclose(list(none["quantiles"].values()), mixture.quantiles[0], rtol=1e-6)
     np.testing.assert_allclose([none["mean"], none["std"]], [mixture.mean[0], mixture.std[0]])
-    m, s = none["mean"], none["std"]
+    m, a, e = none["mean"], none["aleatoric_std"], none["epistemic_std"]
+    s = np.sqrt(a**2 + e**2 * 65 / 63)  # regime_spread at T = 64
     z = np.array([NormalDist().inv_cdf(level) for level in QUANTILE_LEVELS])
-    # The Gaussian table's G is the identity: the mixture's moments, Gaussian quantiles. Its
-    # moments are integrated on a grid, to ~1e-9 of the std.
+    # The Gaussian table's G is the identity: moments m and s, Gaussian quantiles. Its
+    # moments are integrated on a grid, to ~1e-7 of the std.
     gaussian = answers["gaussian"]
     assert gaussian["calibration"] == "per_regime"
     assert gaussian["signal_to_noise"] == pytest.approx(none["signal_to_noise"]) and s > 0
     np.testing.assert_allclose([gaussian["mean"], gaussian["std"]], [m, s], rtol=1e-6)
     np.testing.assert_allclose(list(gaussian["quantiles"].values()), m + s * z, rtol=1e-6)
     assert gaussian["quantiles"] != none["quantiles"]
-    # The wide table moves the centre by 0.1 s and doubles every spread, the draws too.
+    # The wide table moves the centre by 0.1 s and doubles every spread, the draws too; the
+    # two parts keep the mixture's proportions.
     wide = answers["wide"]
     np.testing.assert_allclose([wide["mean"], wide["std"]], [m + 0.1 * s, 2 * s], rtol=1e-6)
+    ratio = 2 * s / none["std"]
     np.testing.assert_allclose(
-        [wide["aleatoric_std"], wide["epistemic_std"]],
-        [2 * none["aleatoric_std"], 2 * none["epistemic_std"]],
-        rtol=1e-6,
+        [wide["aleatoric_std"], wide["epistemic_std"]], [ratio * a, ratio * e], rtol=1e-6
     )
     np.testing.assert_allclose(list(wide["quantiles"].values()), m + s * (0.1 + 2 * z), rtol=1e-6)
     draws = np.random.default_rng((SEED, 0)).standard_normal(64)  # the request's draw stream

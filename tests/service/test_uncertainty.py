@@ -15,6 +15,7 @@ from service.contract.uncertainty import (
     calibrate_by_regime,
     draw_predictive_samples,
     mixture_quantiles,
+    regime_spread,
     summarise_mc_samples,
 )
 
@@ -128,17 +129,26 @@ def test_a_regime_table_places_each_cutout_and_reads_its_quantiles_at_the_knots(
     log_variances = np.log(rng.uniform(0.004, 0.01, (4, 30)))
     raw = summarise_mc_samples(means, log_variances, None)
     assert raw.quantiles.shape == (4, 0)
-    calibrated = calibrate_by_regime(raw, table, theta_E_arcsec=theta, signal_to_noise=snr)
+    calibrated = calibrate_by_regime(
+        raw, table, theta_E_arcsec=theta, signal_to_noise=snr, num_samples=30
+    )
+    spread = regime_spread(raw, 30)
+    # 30 passes: the epistemic variance counts 31/29 times.
+    np.testing.assert_allclose(
+        spread**2, raw.aleatoric_std**2 + raw.epistemic_std**2 * 31 / 29, rtol=1e-12
+    )
     shift = np.array([0.0, 0.1, 0.3, 0.2])
     scale = np.array([1.0, 2.0, 2.0, 1.0])
     z_reported = np.array([NormalDist().inv_cdf(level) for level in QUANTILE_LEVELS])
-    expected = raw.mean[:, None] + raw.std[:, None] * (shift[:, None] + scale[:, None] * z_reported)
+    expected = raw.mean[:, None] + spread[:, None] * (shift[:, None] + scale[:, None] * z_reported)
     np.testing.assert_allclose(calibrated.quantiles, expected, rtol=1e-12)
     # G(Z) = shift + scale Z (the tails continue the 2.5-16% slope), up to the service's
     # approximate normal quantiles (erf to 1.5e-7): its moments to within 1e-6.
-    np.testing.assert_allclose(calibrated.mean, raw.mean + raw.std * shift, rtol=1e-6)
-    np.testing.assert_allclose(calibrated.std, raw.std * scale, rtol=1e-6)
-    np.testing.assert_allclose(calibrated.aleatoric_std, raw.aleatoric_std * scale, rtol=1e-6)
+    np.testing.assert_allclose(calibrated.mean, raw.mean + spread * shift, rtol=1e-6)
+    np.testing.assert_allclose(calibrated.std, spread * scale, rtol=1e-6)
+    ratio = calibrated.std / raw.std  # the parts keep the mixture's proportions
+    np.testing.assert_allclose(calibrated.aleatoric_std, raw.aleatoric_std * ratio, rtol=1e-12)
+    np.testing.assert_allclose(calibrated.epistemic_std, raw.epistemic_std * ratio, rtol=1e-12)
 
 
 def test_a_regime_table_refuses_falling_quantiles_and_wrong_shapes():

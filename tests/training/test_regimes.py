@@ -9,6 +9,7 @@ from service.contract.uncertainty import (
     QUANTILE_LEVELS,
     calibrate_by_regime,
     draw_regime_samples,
+    regime_spread,
     summarise_mc_samples,
 )
 from training.regimes import fit_regime_table, theta_E_bin_edges
@@ -56,7 +57,7 @@ def fitted():
         theta_E_point=lenses["point"],
         signal_to_noise=lenses["snr"],
         means=[summary.mean for summary in lenses["summaries"].values()],
-        stds=[summary.std for summary in lenses["summaries"].values()],
+        stds=[regime_spread(summary, t) for t, summary in lenses["summaries"].items()],
     )
     return table
 
@@ -66,7 +67,7 @@ def test_fitted_table_covers_in_every_regime_on_a_fresh_draw(fitted, passes):
     fresh = _synthetic(np.random.default_rng(1000 + passes), N_LENSES, (passes,))
     raw, truth = fresh["summaries"][passes], fresh["truth"]
     calibrated = calibrate_by_regime(
-        raw, fitted, theta_E_arcsec=fresh["point"], signal_to_noise=fresh["snr"]
+        raw, fitted, theta_E_arcsec=fresh["point"], signal_to_noise=fresh["snr"], num_samples=passes
     )
     theta_bin, snr_band = fitted.regimes(fresh["point"], fresh["snr"])
     z68 = 0.994458  # Phi^-1(0.84): the raw mixture's own 68% interval, for contrast
@@ -94,7 +95,9 @@ def test_std_samples_and_quantiles_describe_one_distribution(fitted):
     fresh = _synthetic(rng, 12, (100,))
     regime = {"theta_E_arcsec": fresh["point"], "signal_to_noise": fresh["snr"]}
     raw = fresh["summaries"][100]
-    calibrated = calibrate_by_regime(raw, fitted, **regime)
+    # The draws' number is also the T of the spread (the service draws T): the summary of 100
+    # passes is read as if it had 1,000,000, by both functions alike.
+    calibrated = calibrate_by_regime(raw, fitted, **regime, num_samples=1_000_000)
     draws = draw_regime_samples(raw, fitted, **regime, num_samples=1_000_000, rng=rng)
     # 1,000,000 draws: standard errors <= 0.003 std (the 97.5% quantile, where the density is
     # lowest), 0.001 std for the mean and 0.1% for the std; allow ~5 of them.
