@@ -6,7 +6,7 @@ whose input half is :func:`service.fits.decode.decode_fits`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -117,7 +117,7 @@ class EinsteinRadiusDistribution(BaseModel):
         description="Draws from the predictive distribution (arcsec), one per MC pass; "
         "present only with `include_samples=true`.",
     )
-    calibration: str = Field(
+    calibration: Literal["per_regime", "mixture"] = Field(
         default="mixture",
         description="`per_regime`: all fields describe the distribution calibrated in the "
         "cutout's bin of predicted theta_E and signal-to-noise band; `mixture`: the raw "
