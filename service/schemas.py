@@ -6,7 +6,7 @@ whose input half is :func:`service.fits.decode.decode_fits`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -101,7 +101,10 @@ class EinsteinRadiusDistribution(BaseModel):
 
     The equal-weight mixture of one Gaussian per dropout pass (Perreault
     Levasseur et al. 2017); its variance is the aleatoric part (mean predicted
-    variance) plus the epistemic part (spread of the pass means).
+    variance) plus the epistemic part (spread of the pass means). With a
+    per-regime table in the MC card (``calibration`` is ``per_regime``), every
+    field describes the calibrated distribution m + s G(Z) built from the
+    mixture's mean m and std s (docs/calibration.md).
     """
 
     mean: float = Field(description="Mean of theta_E (arcsec).")
@@ -116,6 +119,17 @@ class EinsteinRadiusDistribution(BaseModel):
         exclude_if=lambda value: value is None,
         description="Draws from the predictive distribution (arcsec), one per MC pass; "
         "present only with `include_samples=true`.",
+    )
+    calibration: Literal["per_regime", "mixture"] = Field(
+        default="mixture",
+        description="`per_regime`: all fields describe the distribution calibrated in the "
+        "cutout's bin of predicted theta_E and signal-to-noise band; `mixture`: the raw "
+        "mixture, quantiles at the card's recalibrated levels.",
+    )
+    signal_to_noise: float | None = Field(
+        default=None,
+        description="Signal-to-noise of the light within 3.2 arcsec of the centre "
+        "(dimensionless): the noise axis of the per-regime calibration.",
     )
 
 
@@ -285,6 +299,8 @@ def encode_result(outcome: CutoutPrediction | LensServeError, *, filename: str) 
                 {f"{level:g}": value for level, value in radius.quantiles.items()}
             ),
             samples=None if radius.samples is None else radius.samples.tolist(),
+            calibration="per_regime" if radius.calibrated_by_regime else "mixture",
+            signal_to_noise=outcome.signal_to_noise,
         ),
         wcs=wcs,
         warnings=list(outcome.warnings),

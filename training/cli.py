@@ -84,6 +84,37 @@ def _recalibrate(args: argparse.Namespace) -> None:
     print(f"aleatoric calibration factor: {scale:.4f}")
 
 
+def _calibrate_regimes(args: argparse.Namespace) -> None:
+    from training.regimes import calibrate_regimes
+
+    provenance = calibrate_regimes(
+        Path(args.models), [Path(d) for d in args.data], num_samples=tuple(args.num_samples)
+    )
+    print(f"regime table written into {args.models}: lenses per regime {provenance['n_lenses']}")
+    for note in provenance["notes"]:
+        print(f"  {note}")
+
+
+def _check_regimes(args: argparse.Namespace) -> None:
+    import json
+
+    from training.regimes import check_regimes, format_report, within_targets
+
+    report = check_regimes(
+        Path(args.models), [Path(d) for d in args.data], num_samples=tuple(args.num_samples)
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for name in ("mixture", "calibrated"):
+        if name in report:
+            print(f"\n{name}: coverage (bootstrap 95% interval); bins {report[name]['bins']}")
+            for note in report[name]["notes"]:
+                print(f"  {note}")
+            print(format_report(report[name]))
+    misses = within_targets(report.get("calibrated", report["mixture"]))
+    print("\nall within 0.64-0.72 (68%) and 0.92-0.975 (95%)" if not misses else "\n".join(misses))
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from training.evaluate import evaluate_all
 
@@ -201,6 +232,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, nargs="+", help="simulated sets no model was trained on"
     )
     recalibrate.set_defaults(handler=_recalibrate)
+
+    regimes = commands.add_parser(
+        "calibrate-regimes",
+        help="fit the MC card's per-regime interval table (theta_E bin x signal-to-noise)",
+    )
+    regimes.add_argument("--models", default="models", help="folder of the cards to update")
+    regimes.add_argument(
+        "--data", required=True, nargs="+", help="simulated sets no model was trained on"
+    )
+    regimes.add_argument(
+        "--num-samples",
+        type=int,
+        nargs="+",
+        default=[10, 100, 1000],
+        help="MC passes whose residuals are pooled into the one table",
+    )
+    regimes.set_defaults(handler=_calibrate_regimes)
+
+    check = commands.add_parser(
+        "check-regimes",
+        help="coverage per theta_E bin and noise tercile, per number of MC passes",
+    )
+    check.add_argument("--models", default="models")
+    check.add_argument(
+        "--data", required=True, nargs="+", help="held-out sets other than the fitting set"
+    )
+    check.add_argument("--num-samples", type=int, nargs="+", default=[10, 100, 1000])
+    check.add_argument("--out", default=None, help="write the full report as JSON here")
+    check.set_defaults(handler=_check_regimes)
 
     evaluate = commands.add_parser("evaluate", help="metrics and plots on a test split")
     evaluate.add_argument("--data", required=True, help="test data directory")

@@ -9,16 +9,18 @@ refused at start-up rather than answering with the wrong numbers.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.contract.preprocessing import PREPROCESSING_ID
-from service.contract.uncertainty import QUANTILE_LEVELS
+from service.contract.uncertainty import QUANTILE_LEVELS, RegimeTable
 from service.errors import ModelUnavailableError
 
 #: Card names of the three models the service needs, by role.
@@ -111,6 +113,45 @@ class IntervalCalibration(BaseModel):
         return self
 
 
+class RegimeCalibration(BaseModel):
+    """Per-regime calibration of the MC model's intervals (:class:`RegimeTable`).
+
+    Fitted by ``python -m training calibrate-regimes`` on held-out simulated
+    lenses: in each bin of predicted theta_E crossed with each band of
+    signal-to-noise, the quantiles of the standardised residual (truth - mean)
+    / std at ``levels``. When present, the service reports the calibrated
+    distribution built from them instead of the mixture's (``interval_calibration``
+    is then unused).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    theta_E_edges_arcsec: tuple[float, ...] = Field(
+        description="Interior edges between bins of predicted theta_E (arcsec)."
+    )
+    signal_to_noise_edges: tuple[float, ...] = Field(
+        description="Interior edges between signal-to-noise bands (dimensionless)."
+    )
+    levels: tuple[float, ...] = Field(description="Levels of the residual quantiles (fractions).")
+    residual_quantiles: tuple[tuple[tuple[float, ...], ...], ...] = Field(
+        description="Quantiles of the standardised residual, [theta_E bin][band][level]."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RegimeCalibration:
+        self.table()  # RegimeTable checks shapes, order and levels
+        return self
+
+    def table(self) -> RegimeTable:
+        """The numpy table the service applies."""
+        return RegimeTable(
+            theta_E_edges_arcsec=np.asarray(self.theta_E_edges_arcsec, dtype=np.float64),
+            signal_to_noise_edges=np.asarray(self.signal_to_noise_edges, dtype=np.float64),
+            levels=tuple(self.levels),
+            residual_quantiles=np.asarray(self.residual_quantiles, dtype=np.float64),
+        )
+
+
 def _pairs(values: tuple[float, ...]) -> list[tuple[float, float]]:
     return list(zip(values[:-1], values[1:], strict=True))
 
@@ -133,6 +174,7 @@ class ModelCard(BaseModel):
     onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     onnx_opset: int | None = None
     interval_calibration: IntervalCalibration | None = None
+    regime_calibration: RegimeCalibration | None = None
 
     @property
     def output_names(self) -> list[str]:
@@ -177,6 +219,12 @@ class ModelSet:
         """Mixture CDF levels reported as ``QUANTILE_LEVELS`` (the card's recalibration)."""
         calibration = self.mc.interval_calibration
         return QUANTILE_LEVELS if calibration is None else calibration.mixture_levels
+
+    @functools.cached_property
+    def mc_regime_table(self) -> RegimeTable | None:
+        """The MC card's per-regime calibration, or None when the card has none."""
+        calibration = self.mc.regime_calibration
+        return None if calibration is None else calibration.table()
 
     @property
     def mc_gives_parameters(self) -> bool:

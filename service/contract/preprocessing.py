@@ -218,6 +218,53 @@ def _noise_scale(sigma: float, peak: float) -> float:
     return sigma if sigma > 0.0 else 1.0
 
 
+def noise_level(cube: NDArray[np.floating]) -> float:
+    """The noise scale :func:`preprocess_cutout` divides by, in the cube's own flux unit.
+
+    The median over bands of the robust (MAD) noise of each background-subtracted
+    band. Unlike the network input it depends on the flux unit (AB zero point 30
+    for the simulations), so it only compares cutouts of one survey and unit.
+    """
+    data = np.asarray(cube, dtype=np.float64)
+    if min(data.shape[1:]) > 2 * _BORDER_PIXELS and np.isfinite(data).all():
+        return _normalise_unmasked(data)[1]
+    return _normalise_masked(data)[1]
+
+
+#: Radius (pixels) of the central aperture of :func:`signal_to_noise`: 12 pixels are 3.2
+#: arcsec at DES's 0.263 arcsec/pixel, the largest Einstein radius the models were trained on.
+SIGNAL_TO_NOISE_RADIUS_PIXELS = 12.0
+
+
+def signal_to_noise(images: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Signal-to-noise of the light in the central aperture of network inputs (dimensionless).
+
+    The inputs are asinh(flux / (3 sigma)) (:func:`preprocess_cutout`), so the
+    flux in noise units is 3 sinh(input): the sum over the aperture's pixels
+    in all bands, divided by the square root of their number, is the aperture's
+    signal-to-noise against the cutout's own noise level. Like the input, it
+    does not depend on the flux unit; it tells a faint or shallow cutout from
+    a bright or deep one, and is the noise axis of the MC model's per-regime
+    interval calibration.
+
+    Parameters
+    ----------
+    images : ndarray, shape (n, ny, nx, bands) or (ny, nx, bands)
+        Network inputs, in asinh noise units.
+
+    Returns
+    -------
+    ndarray, shape (n,) or ()
+        Signal-to-noise of each cutout's central aperture.
+    """
+    data = np.asarray(images, dtype=np.float64)
+    ny, nx = data.shape[-3:-1]
+    y, x = np.ogrid[:ny, :nx]
+    inside = (y - (ny - 1) / 2) ** 2 + (x - (nx - 1) / 2) ** 2 <= SIGNAL_TO_NOISE_RADIUS_PIXELS**2
+    flux = 3.0 * np.sinh(data[..., inside, :])
+    return flux.sum(axis=(-2, -1)) / np.sqrt(flux.shape[-2] * flux.shape[-1])
+
+
 def preprocess_batch(cubes: NDArray[np.floating]) -> NDArray[np.float32]:
     """Apply :func:`preprocess_cutout` to a stack of shape (n, bands, ny, nx)."""
     return (

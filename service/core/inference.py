@@ -31,10 +31,12 @@ from service.contract.cards import (
     InputSpec,
     ModelSet,
 )
-from service.contract.preprocessing import preprocess_cutout
+from service.contract.preprocessing import preprocess_cutout, signal_to_noise
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
+    calibrate_by_regime,
     draw_predictive_samples,
+    draw_regime_samples,
     summarise_mc_samples,
 )
 from service.core.batching import BatchStats, DynamicBatcher
@@ -65,6 +67,16 @@ class PreparedCutout:
     dec_deg: float | None
     """Declination of the cutout centre (degrees, ICRS), when the file has a WCS."""
     warnings: tuple[str, ...]
+    signal_to_noise: float | None = None
+    """Signal-to-noise of the central aperture
+    (:func:`~service.contract.preprocessing.signal_to_noise`; dimensionless); None: not yet
+    measured (it is then measured on ``image`` when needed)."""
+
+    def measured_signal_to_noise(self) -> float:
+        """``signal_to_noise``, measured on ``image`` when it was not set (dimensionless)."""
+        if self.signal_to_noise is not None:
+            return self.signal_to_noise
+        return float(signal_to_noise(self.image))
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,9 @@ class EinsteinRadiusPrediction:
     """Quantile value (arcsec) keyed by level, for each level in ``QUANTILE_LEVELS``."""
     samples: NDArray[np.float64] | None
     """Draws from the predictive distribution (arcsec), when they were asked for."""
+    calibrated_by_regime: bool = False
+    """Whether the fields describe the card's per-regime calibrated distribution (else the
+    mixture, read at the card's mixture levels)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +111,8 @@ class CutoutPrediction:
     warnings: tuple[str, ...]
     explanation: Explanation | None = None
     """Occlusion maps of what drives P(lens) and theta_E, when they were asked for."""
+    signal_to_noise: float | None = None
+    """Signal-to-noise of the central aperture (dimensionless), when it was measured."""
 
 
 #: One slot of a batch answer: a prediction, or the error that stopped this cutout.
@@ -222,13 +239,15 @@ def prepare_plain_cutout_for_input(
 
 def _prepared(decoded: DecodedCutout, filename: str) -> PreparedCutout:
     """A decoded cutout, preprocessed for the models."""
+    image = preprocess_cutout(decoded.pixels, noise_sigma=decoded.noise_sigma)
     return PreparedCutout(
         filename=filename,
-        image=preprocess_cutout(decoded.pixels, noise_sigma=decoded.noise_sigma),
+        image=image,
         masked_fraction=decoded.masked_fraction,
         ra_deg=decoded.ra_deg,
         dec_deg=decoded.dec_deg,
         warnings=tuple(decoded.warnings),
+        signal_to_noise=float(signal_to_noise(image)),
     )
 
 
@@ -421,9 +440,7 @@ class InferenceEngine:
                 stop = start + len(items[i].cutouts)
                 part = raw.select(slice(start, stop), num_samples=items[i].num_samples)
                 maps = _explain(self._runtime, items[i], part, self._max_batch_size)
-                answers[i] = _summarise(
-                    items[i], part, self._runtime.models.mc_mixture_levels, maps
-                )
+                answers[i] = _summarise(items[i], part, self._runtime.models, maps)
                 start = stop
         for i, item in enumerate(items):
             if item.seed is not None:
@@ -438,7 +455,7 @@ def _predict_item(
     images = np.stack([c.image for c in item.cutouts])
     raw = runtime.predict(images, num_samples=item.num_samples, seed=item.model_seed)
     maps = _explain(runtime, item, raw, max_batch_size)
-    return _summarise(item, raw, runtime.models.mc_mixture_levels, maps)
+    return _summarise(item, raw, runtime.models, maps)
 
 
 def _explain(
@@ -528,21 +545,40 @@ def predict_chunk(
 def _summarise(
     item: _BatchItem,
     raw: RawPredictions,
-    mixture_levels: tuple[float, ...],
+    models: ModelSet,
     explanations: list[Explanation] | None = None,
 ) -> list[CutoutOutcome]:
-    """Per-cutout predictions from one item's raw model outputs; quantiles at the MC card's
-    (recalibrated) mixture levels; the item's occlusion maps when it has them."""
+    """Per-cutout predictions from one item's raw model outputs, with the item's occlusion
+    maps when it has them.
+
+    With a per-regime table in the MC card, the distribution is the calibrated
+    one (:func:`~service.contract.uncertainty.calibrate_by_regime`), placed by
+    the point theta_E and the cutout's signal-to-noise; otherwise the mixture,
+    its quantiles read at the card's (recalibrated) mixture levels.
+    """
+    table = models.mc_regime_table
     summary = summarise_mc_samples(
-        raw.theta_E_samples, raw.theta_E_log_variance_samples, mixture_levels
+        raw.theta_E_samples,
+        raw.theta_E_log_variance_samples,
+        None if table is not None else models.mc_mixture_levels,
     )
-    samples = (
-        draw_predictive_samples(
-            raw.theta_E_samples, raw.theta_E_log_variance_samples, item.sample_rng()
-        )
-        if item.include_samples
-        else None
-    )
+    samples = None
+    if table is None:
+        if item.include_samples:
+            samples = draw_predictive_samples(
+                raw.theta_E_samples, raw.theta_E_log_variance_samples, item.sample_rng()
+            )
+    else:
+        regime = {
+            "theta_E_arcsec": raw.parameters[:, 0].astype(np.float64),
+            "signal_to_noise": np.array([c.measured_signal_to_noise() for c in item.cutouts]),
+        }
+        passes = raw.theta_E_samples.shape[1]
+        if item.include_samples:
+            samples = draw_regime_samples(
+                summary, table, **regime, num_samples=passes, rng=item.sample_rng()
+            )
+        summary = calibrate_by_regime(summary, table, **regime, num_samples=passes)
     finite = (
         np.isfinite(raw.lens_probability)
         & np.isfinite(raw.parameters).all(axis=1)
@@ -577,11 +613,13 @@ def _summarise(
                     epistemic_std=epistemic[row],
                     quantiles=dict(zip(QUANTILE_LEVELS, quantiles[row], strict=True)),
                     samples=None if samples is None else samples[row],
+                    calibrated_by_regime=table is not None,
                 ),
                 ra_deg=cutout.ra_deg,
                 dec_deg=cutout.dec_deg,
                 warnings=cutout.warnings,
                 explanation=None if explanations is None else explanations[row],
+                signal_to_noise=cutout.measured_signal_to_noise(),
             )
         )
     return outcomes

@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import threading
 import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import httpx
@@ -28,7 +30,13 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.api.errors import status_for
+from service.contract.uncertainty import (
+    QUANTILE_LEVELS,
+    REGIME_TABLE_LEVELS,
+    summarise_mc_samples,
+)
 from service.core.cpu import available_cores
+from service.core.inference import prepare_cutout
 from service.core.runtime import OnnxModelRuntime
 from service.errors import (
     InferenceError,
@@ -36,9 +44,11 @@ from service.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
+from service.fits.raw import FitsLimits
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
+MODELS_DIR = REPO / "models"
 SAMPLES = REPO / "examples" / "cutouts"
 CLEAN = sorted((SAMPLES / "clean").glob("*.fits"))
 FORMATS = sorted((SAMPLES / "formats").glob("*"))
@@ -643,3 +653,92 @@ def test_worker_processes_decode_only_what_the_plain_reader_leaves(monkeypatch, 
         tolerance = LOSSY_TOLERANCE if result["filename"].endswith(LOSSY_SUFFIXES) else 1e-4
         got = [result["lens_probability"], *result["parameters"].values()]
         np.testing.assert_allclose(got, reference, rtol=0, atol=tolerance)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+
+def _models_with_regime_table(folder: Path, table: dict[str, Any] | None) -> Path:
+    """The shipped models in ``folder``, the MC card's per-regime table replaced (or removed)."""
+    folder.mkdir()
+    for name in ("lens_classifier", "einstein_radius", "einstein_radius_mc"):
+        (folder / f"{name}.onnx").symlink_to(MODELS_DIR / f"{name}.onnx")
+        card = json.loads((MODELS_DIR / f"{name}.json").read_text())
+        if name == "einstein_radius_mc":
+            card.pop("regime_calibration", None)
+            if table is not None:
+                card["regime_calibration"] = table
+        (folder / f"{name}.json").write_text(json.dumps(card))
+    return folder
+
+
+def _uniform_table(shift: float, scale: float) -> dict[str, Any]:
+    """A table whose every regime says: residual quantiles are shift + scale * z (Gaussian)."""
+    z = [NormalDist().inv_cdf(level) for level in REGIME_TABLE_LEVELS]
+    return {
+        "theta_E_edges_arcsec": [1.0, 2.0],
+        "signal_to_noise_edges": [10.0, 100.0],
+        "levels": list(REGIME_TABLE_LEVELS),
+        "residual_quantiles": [[[shift + scale * v for v in z]] * 3] * 3,
+    }
+
+
+def test_the_mc_cards_regime_table_sets_the_served_distribution(tmp_path):
+    """Through the real app and the shipped MC model: no table serves the mixture as before;
+    a table makes every field the calibrated distribution m + s G(Z), with G from the card."""
+    data = CLEAN[0].read_bytes()
+    params = {"seed": SEED, "samples": 64, "include_samples": "true"}
+    tables = {
+        "none": None,
+        "gaussian": _uniform_table(0.0, 1.0),
+        "wide": _uniform_table(0.1, 2.0),
+    }
+    answers = {}
+    for name, table in tables.items():
+        models = _models_with_regime_table(tmp_path / name, table)
+        with TestClient(create_app(Settings(models_dir=models, device="cpu"))) as test_client:
+            assert _wait_ready(test_client).status_code == 200
+            response = test_client.post(
+                "/v1/predict", content=data, params=params, headers=FITS_MEDIA
+            )
+        assert response.status_code == 200, response.text
+        (result,) = response.json()["results"]
+        _assert_result_schema(result, samples=64)
+        answers[name] = result["einstein_radius"]
+
+    # No table: today's answer, the mixture read at the card's mixture levels, computed here
+    # from the runtime called directly with the request's seed (its first chunk's dropout seed).
+    runtime = OnnxModelRuntime(tmp_path / "none", device="cpu", warmup_batch_sizes=())
+    runtime.load()
+    prepared = prepare_cutout(data, filename="a", models=runtime.models, limits=FitsLimits())
+    raw = runtime.predict(prepared.image[None], num_samples=64, seed=SEED)
+    mixture = summarise_mc_samples(
+        raw.theta_E_samples, raw.theta_E_log_variance_samples, runtime.models.mc_mixture_levels
+    )
+    runtime.close()
+    none = answers["none"]
+    assert none["calibration"] == "mixture"
+    np.testing.assert_allclose(list(none["quantiles"].values()), mixture.quantiles[0], rtol=1e-6)
+    np.testing.assert_allclose([none["mean"], none["std"]], [mixture.mean[0], mixture.std[0]])
+    m, a, e = none["mean"], none["aleatoric_std"], none["epistemic_std"]
+    s = np.sqrt(a**2 + e**2 * 65 / 63)  # regime_spread at T = 64
+    z = np.array([NormalDist().inv_cdf(level) for level in QUANTILE_LEVELS])
+    # The Gaussian table's G is the identity: moments m and s, Gaussian quantiles. Its
+    # moments are integrated on a grid, to ~1e-7 of the std.
+    gaussian = answers["gaussian"]
+    assert gaussian["calibration"] == "per_regime"
+    assert gaussian["signal_to_noise"] == pytest.approx(none["signal_to_noise"]) and s > 0
+    np.testing.assert_allclose([gaussian["mean"], gaussian["std"]], [m, s], rtol=1e-6)
+    np.testing.assert_allclose(list(gaussian["quantiles"].values()), m + s * z, rtol=1e-6)
+    assert gaussian["quantiles"] != none["quantiles"]
+    # The wide table moves the centre by 0.1 s and doubles every spread, the draws too; the
+    # two parts keep the mixture's proportions.
+    wide = answers["wide"]
+    np.testing.assert_allclose([wide["mean"], wide["std"]], [m + 0.1 * s, 2 * s], rtol=1e-6)
+    ratio = 2 * s / none["std"]
+    np.testing.assert_allclose(
+        [wide["aleatoric_std"], wide["epistemic_std"]], [ratio * a, ratio * e], rtol=1e-6
+    )
+    np.testing.assert_allclose(list(wide["quantiles"].values()), m + s * (0.1 + 2 * z), rtol=1e-6)
+    draws = np.random.default_rng((SEED, 0)).standard_normal(64)  # the request's draw stream
+    np.testing.assert_allclose(wide["samples"], m + s * (0.1 + 2 * draws), rtol=1e-6)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,12 @@ import pytest
 from astropy.io import fits
 
 from service.contract.cards import read_model_cards
-from service.contract.preprocessing import preprocess_cutout
-from service.contract.uncertainty import QUANTILE_LEVELS, summarise_mc_samples
+from service.contract.preprocessing import preprocess_cutout, signal_to_noise
+from service.contract.uncertainty import (
+    QUANTILE_LEVELS,
+    calibrate_by_regime,
+    summarise_mc_samples,
+)
 from service.core.inference import (
     CutoutPrediction,
     InferenceEngine,
@@ -59,7 +64,11 @@ class FakeRuntime:
 
     @property
     def models(self) -> Any:
-        return read_model_cards(MODELS_DIR)
+        # The shipped cards, less any per-regime table: these tests follow the raw mixture.
+        models = read_model_cards(MODELS_DIR)
+        return dataclasses.replace(
+            models, mc=models.mc.model_copy(update={"regime_calibration": None})
+        )
 
     @property
     def provider(self) -> str:
@@ -211,12 +220,21 @@ def test_the_engine_on_the_real_models_matches_the_runtime_called_directly():
     outcomes = asyncio.run(
         _with_engine(engine, lambda e: e.predict_cutouts(cutouts, num_samples=50, seed=9))
     )
+    table = runtime.models.mc_regime_table
     summary = summarise_mc_samples(
         direct.theta_E_samples,
         direct.theta_E_log_variance_samples,
         runtime.models.mc_mixture_levels,  # the MC card's recalibrated levels
     )
     assert runtime.models.mc_mixture_levels != QUANTILE_LEVELS
+    if table is not None:  # the card's per-regime table, placed by the point theta_E and S/N
+        summary = calibrate_by_regime(
+            summary,
+            table,
+            theta_E_arcsec=direct.parameters[:, 0],
+            signal_to_noise=signal_to_noise(np.stack([c.image for c in cutouts])),
+            num_samples=50,
+        )
     for row, outcome in enumerate(outcomes):
         assert outcome.lens_probability == pytest.approx(float(direct.lens_probability[row]))
         assert outcome.einstein_radius.mean == pytest.approx(float(summary.mean[row]))

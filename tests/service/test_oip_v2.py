@@ -25,7 +25,7 @@ from service.api.oip_codec import (
     feeds_for_model,
 )
 from service.contract.cards import read_model_cards
-from service.contract.uncertainty import summarise_mc_samples
+from service.contract.uncertainty import calibrate_by_regime, summarise_mc_samples
 from service.core.inference import prepare_cutout
 from service.errors import InvalidRequestError
 from service.fits.decode import DEFAULT_LIMITS
@@ -238,6 +238,14 @@ def test_a_seeded_mc_request_draws_the_masks_of_the_seeded_v1_request(triton, im
     assert means.shape == (1, 100)
     summary = summarise_mc_samples(means, result.as_numpy("theta_E_log_variance_samples"))
     radius = v1_answers[0]["einstein_radius"]
+    if MODELS.mc_regime_table is not None:  # /v1 answers the card's per-regime calibration
+        summary = calibrate_by_regime(
+            summary,
+            MODELS.mc_regime_table,
+            theta_E_arcsec=np.array([v1_answers[0]["parameters"]["theta_E"]]),
+            signal_to_noise=np.array([radius["signal_to_noise"]]),
+            num_samples=100,
+        )
     np.testing.assert_allclose(summary.mean[0], radius["mean"], rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(summary.std[0], radius["std"], rtol=0, atol=TOLERANCE)
 

@@ -12,6 +12,7 @@ import logging
 import shutil
 import warnings
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import onnxruntime as ort
@@ -25,7 +26,7 @@ from service.contract.cards import (
     read_model_cards,
 )
 from service.contract.preprocessing import PREPROCESSING_ID
-from service.contract.uncertainty import QUANTILE_LEVELS
+from service.contract.uncertainty import QUANTILE_LEVELS, REGIME_TABLE_LEVELS
 from service.core import runtime as runtime_module
 from service.core.inference import CutoutPrediction, predict_chunk, prepare_cutout
 from service.core.runtime import (
@@ -131,6 +132,34 @@ def test_the_mc_cards_interval_calibration_is_read_and_checked(models_copy):
         card["interval_calibration"]["mixture_levels"] = bad
         card_path.write_text(json.dumps(card))
         with pytest.raises(ModelUnavailableError, match="mixture_levels"):
+            read_model_cards(models_copy)
+
+
+def test_the_mc_cards_regime_table_is_read_and_checked(models_copy):
+    card_path = models_copy / "einstein_radius_mc.json"
+    card = json.loads(card_path.read_text())
+    card.pop("regime_calibration", None)
+    card_path.write_text(json.dumps(card))
+    assert read_model_cards(models_copy).mc_regime_table is None
+    z = [NormalDist().inv_cdf(level) for level in REGIME_TABLE_LEVELS]
+    card["regime_calibration"] = {
+        "theta_E_edges_arcsec": [1.5],
+        "signal_to_noise_edges": [30.0, 90.0],
+        "levels": list(REGIME_TABLE_LEVELS),
+        "residual_quantiles": [[z, z, z], [z, z, z]],
+        "n_lenses": [[300, 300, 300], [300, 300, 300]],  # provenance is kept, not read
+    }
+    card_path.write_text(json.dumps(card))
+    table = read_model_cards(models_copy).mc_regime_table
+    assert table is not None and table.residual_quantiles.shape == (2, 3, len(z))
+    for key, bad in (
+        ("residual_quantiles", [[z, z, z]]),  # one theta_E bin for two
+        ("residual_quantiles", [[z, z, z], [z, z, z[::-1]]]),  # falling
+        ("signal_to_noise_edges", [90.0, 30.0]),
+    ):
+        broken = dict(card["regime_calibration"], **{key: bad})
+        card_path.write_text(json.dumps(dict(card, regime_calibration=broken)))
+        with pytest.raises(ModelUnavailableError, match="regime_calibration"):
             read_model_cards(models_copy)
 
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
+import pytest
 
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
+    REGIME_TABLE_LEVELS,
+    RegimeTable,
+    calibrate_by_regime,
     draw_predictive_samples,
     mixture_quantiles,
+    regime_spread,
     summarise_mc_samples,
 )
 
@@ -95,3 +101,60 @@ def test_recalibrated_levels_are_where_the_reported_quantiles_are_read():
     assert np.all(summary.quantiles[:, 1] > nominal.quantiles[:, 1])  # narrower 68% interval
     np.testing.assert_array_equal(summary.mean, nominal.mean)
     np.testing.assert_array_equal(summary.std, nominal.std)
+
+
+def _table(residual_quantiles: np.ndarray) -> RegimeTable:
+    """Two theta_E bins (edge 1.5 arcsec) x two signal-to-noise bands (edge 50)."""
+    return RegimeTable(
+        theta_E_edges_arcsec=np.array([1.5]),
+        signal_to_noise_edges=np.array([50.0]),
+        levels=REGIME_TABLE_LEVELS,
+        residual_quantiles=residual_quantiles,
+    )
+
+
+def _gaussian_knots() -> np.ndarray:
+    return np.array([NormalDist().inv_cdf(level) for level in REGIME_TABLE_LEVELS])
+
+
+def test_a_regime_table_places_each_cutout_and_reads_its_quantiles_at_the_knots():
+    z = _gaussian_knots()
+    # Regime (i, j) has residual quantiles (i + 2 j) / 10 + (1 + i) z: a shift and a scale each.
+    knots = np.array([[(i + 2 * j) / 10 + (1 + i) * z for j in range(2)] for i in range(2)])
+    table = _table(knots)
+    theta = np.array([1.0, 1.5, 2.0, 1.0])  # an edge belongs to the bin above it
+    snr = np.array([10.0, 10.0, 80.0, 50.0])
+    rng = np.random.default_rng(8)
+    means = rng.normal(1.5, 0.05, (4, 30))
+    log_variances = np.log(rng.uniform(0.004, 0.01, (4, 30)))
+    raw = summarise_mc_samples(means, log_variances, None)
+    assert raw.quantiles.shape == (4, 0)
+    calibrated = calibrate_by_regime(
+        raw, table, theta_E_arcsec=theta, signal_to_noise=snr, num_samples=30
+    )
+    spread = regime_spread(raw, 30)
+    # 30 passes: the epistemic variance counts 31/29 times.
+    np.testing.assert_allclose(
+        spread**2, raw.aleatoric_std**2 + raw.epistemic_std**2 * 31 / 29, rtol=1e-12
+    )
+    shift = np.array([0.0, 0.1, 0.3, 0.2])
+    scale = np.array([1.0, 2.0, 2.0, 1.0])
+    z_reported = np.array([NormalDist().inv_cdf(level) for level in QUANTILE_LEVELS])
+    expected = raw.mean[:, None] + spread[:, None] * (shift[:, None] + scale[:, None] * z_reported)
+    np.testing.assert_allclose(calibrated.quantiles, expected, rtol=1e-12)
+    # G(Z) = shift + scale Z (the tails continue the 2.5-16% slope), up to the service's
+    # approximate normal quantiles (erf to 1.5e-7): its moments to within 1e-6.
+    np.testing.assert_allclose(calibrated.mean, raw.mean + spread * shift, rtol=1e-6)
+    np.testing.assert_allclose(calibrated.std, spread * scale, rtol=1e-6)
+    ratio = calibrated.std / raw.std  # the parts keep the mixture's proportions
+    np.testing.assert_allclose(calibrated.aleatoric_std, raw.aleatoric_std * ratio, rtol=1e-12)
+    np.testing.assert_allclose(calibrated.epistemic_std, raw.epistemic_std * ratio, rtol=1e-12)
+
+
+def test_a_regime_table_refuses_falling_quantiles_and_wrong_shapes():
+    z = _gaussian_knots()
+    falling = np.broadcast_to(-z, (2, 2, len(z)))
+    with pytest.raises(ValueError, match="rise strictly"):
+        _table(falling)
+    with pytest.raises(ValueError, match="shape"):
+        _table(np.broadcast_to(z, (3, 2, len(z))))
