@@ -35,6 +35,7 @@ _EXAMPLE_RESULT: dict[str, Any] = {
     "wcs": {"ra": 52.3791, "dec": -27.9183},
     "warnings": [],
     "error": None,
+    "out_of_distribution": {"score": -0.4, "flag": False},
 }
 _EXAMPLE_FAILED_RESULT: dict[str, Any] = {
     "filename": "notes.txt",
@@ -133,6 +134,19 @@ class SkyPosition(BaseModel):
     dec: float = Field(description="Declination (degrees).")
 
 
+class OutOfDistributionScore(BaseModel):
+    """How unlike the training data the cutout is (image features and input statistics)."""
+
+    score: float = Field(
+        description="Standardised score; higher means less like the training data "
+        "(0 is the training data's median, 1 its robust spread)."
+    )
+    flag: bool = Field(
+        description="True when the score is above the threshold that 1% of in-distribution "
+        "test cutouts exceed; a warning then says so."
+    )
+
+
 class CutoutResult(BaseModel):
     """The answer for one input file; either the predictions or `error` is set."""
 
@@ -153,6 +167,11 @@ class CutoutResult(BaseModel):
     )
     error: ErrorDetail | None = Field(
         description="Why this file could not be used (multi-file requests only); null on success."
+    )
+    out_of_distribution: OutOfDistributionScore | None = Field(
+        default=None,
+        description="Out-of-distribution score and flag; null when the file could not be used "
+        "or the models ship no out-of-distribution statistics.",
     )
 
 
@@ -251,4 +270,9 @@ def encode_result(outcome: CutoutPrediction | LensServeError, *, filename: str) 
         wcs=wcs,
         warnings=list(outcome.warnings),
         error=None,
+        out_of_distribution=None
+        if outcome.out_of_distribution is None
+        else OutOfDistributionScore(
+            score=outcome.out_of_distribution.score, flag=outcome.out_of_distribution.flag
+        ),
     )

@@ -3,6 +3,8 @@ theta_E regression errors, and interval coverage of predictive distributions."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -72,3 +74,34 @@ def reliability(
     mean_p = np.bincount(index, probabilities, minlength=n_bins) / np.maximum(counts, 1)
     observed = np.bincount(index, labels.astype(float), minlength=n_bins) / np.maximum(counts, 1)
     return mean_p, observed, counts
+
+
+def bootstrap_interval(
+    statistic: Callable[[list[NDArray]], float],
+    sizes: list[int],
+    rng: np.random.Generator,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of one or more independent samples.
+
+    Parameters
+    ----------
+    statistic : callable
+        Takes one index array per sample (rows drawn with replacement) and
+        returns the statistic of those rows.
+    sizes : list of int
+        Size of each sample (rows); each is resampled on its own, so a two-sample
+        statistic such as an AUROC keeps both sizes.
+    rng : numpy.random.Generator
+        Source of the resampling.
+    n_boot : int
+        Resamples (count).
+    level : float
+        Coverage of the central interval (fraction).
+    """
+    values = [statistic([rng.integers(0, size, size) for size in sizes]) for _ in range(n_boot)]
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return float(low), float(high)

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.contract.cards import PARAMETER_COMPONENTS, InputSpec, ModelSet
+from service.contract.ood import input_statistics
 from service.contract.preprocessing import preprocess_cutout
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
@@ -51,6 +52,8 @@ class PreparedCutout:
     dec_deg: float | None
     """Declination of the cutout centre (degrees, ICRS), when the file has a WCS."""
     warnings: tuple[str, ...]
+    input_statistics: NDArray[np.float64] | None = None
+    """:func:`service.contract.ood.input_statistics` of the decoded cutout, before preprocessing."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,16 @@ class EinsteinRadiusPrediction:
 
 
 @dataclass(frozen=True)
+class OutOfDistribution:
+    """How unlike the training data one cutout is (:mod:`service.contract.ood`)."""
+
+    score: float
+    """Standardised score; higher means less like the training data."""
+    flag: bool
+    """Whether the score is above the classifier card's threshold."""
+
+
+@dataclass(frozen=True)
 class CutoutPrediction:
     """Everything the models say about one cutout."""
 
@@ -80,6 +93,8 @@ class CutoutPrediction:
     ra_deg: float | None
     dec_deg: float | None
     warnings: tuple[str, ...]
+    out_of_distribution: OutOfDistribution | None = None
+    """None when the models ship no out-of-distribution statistics."""
 
 
 #: One slot of a batch answer: a prediction, or the error that stopped this cutout.
@@ -186,6 +201,7 @@ def _prepared(decoded: DecodedCutout, filename: str) -> PreparedCutout:
         ra_deg=decoded.ra_deg,
         dec_deg=decoded.dec_deg,
         warnings=tuple(decoded.warnings),
+        input_statistics=input_statistics(decoded.pixels) if len(decoded.pixels) == 3 else None,
     )
 
 
@@ -361,7 +377,7 @@ class InferenceEngine:
             for i in shared:
                 stop = start + len(items[i].cutouts)
                 part = raw.select(slice(start, stop), num_samples=items[i].num_samples)
-                answers[i] = _summarise(items[i], part, self._runtime.models.mc_mixture_levels)
+                answers[i] = _summarise(items[i], part, self._runtime.models)
                 start = stop
         for i, item in enumerate(items):
             if item.seed is not None:
@@ -373,7 +389,7 @@ def _predict_item(runtime: ModelRuntime, item: _BatchItem) -> list[CutoutOutcome
     """One model call for one item alone, with the item's own dropout seed."""
     images = np.stack([c.image for c in item.cutouts])
     raw = runtime.predict(images, num_samples=item.num_samples, seed=item.model_seed)
-    return _summarise(item, raw, runtime.models.mc_mixture_levels)
+    return _summarise(item, raw, runtime.models)
 
 
 def predict_chunk(
@@ -422,14 +438,41 @@ def predict_chunk(
     return _predict_item(runtime, item)
 
 
-def _summarise(
-    item: _BatchItem, raw: RawPredictions, mixture_levels: tuple[float, ...]
-) -> list[CutoutOutcome]:
-    """Per-cutout predictions from one item's raw model outputs; quantiles at the MC card's
-    (recalibrated) mixture levels."""
-    summary = summarise_mc_samples(
-        raw.theta_E_samples, raw.theta_E_log_variance_samples, mixture_levels
+def _out_of_distribution(
+    cutouts: Sequence[PreparedCutout], raw: RawPredictions, models: ModelSet
+) -> list[OutOfDistribution | None]:
+    """The score and flag of each cutout; None where the models or the cutout lack what it needs."""
+    none: list[OutOfDistribution | None] = [None] * len(cutouts)
+    if models.ood is None or raw.features is None:
+        return none
+    rows = [i for i, c in enumerate(cutouts) if c.input_statistics is not None]
+    if not rows:
+        return none
+    inputs = np.stack([cutouts[i].input_statistics for i in rows])  # type: ignore[misc]
+    scores = models.ood.score(raw.features[rows], inputs).tolist()
+    threshold = models.ood_threshold
+    for i, score in zip(rows, scores, strict=True):
+        none[i] = OutOfDistribution(score=score, flag=score > threshold)
+    return none
+
+
+def _ood_warning(ood: OutOfDistribution, threshold: float) -> str:
+    """The warning of a flagged cutout."""
+    return (
+        f"out-of-distribution score {ood.score:.3g} is above {threshold:.3g}, the threshold "
+        "1% of in-distribution test cutouts exceed: this cutout is unlike the training data "
+        "(other units or zero point, bands out of order, another PSF or pixel scale, or "
+        "contents never simulated); treat its predictions with caution"
     )
+
+
+def _summarise(item: _BatchItem, raw: RawPredictions, models: ModelSet) -> list[CutoutOutcome]:
+    """Per-cutout predictions from one item's raw model outputs; quantiles at the MC card's
+    (recalibrated) mixture levels, and the out-of-distribution score."""
+    summary = summarise_mc_samples(
+        raw.theta_E_samples, raw.theta_E_log_variance_samples, models.mc_mixture_levels
+    )
+    ood = _out_of_distribution(item.cutouts, raw, models)
     samples = (
         draw_predictive_samples(
             raw.theta_E_samples, raw.theta_E_log_variance_samples, item.sample_rng()
@@ -474,7 +517,13 @@ def _summarise(
                 ),
                 ra_deg=cutout.ra_deg,
                 dec_deg=cutout.dec_deg,
-                warnings=cutout.warnings,
+                warnings=cutout.warnings
+                + (
+                    (_ood_warning(ood[row], models.ood_threshold),)
+                    if ood[row] and ood[row].flag
+                    else ()
+                ),
+                out_of_distribution=ood[row],
             )
         )
     return outcomes
