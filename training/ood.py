@@ -67,7 +67,18 @@ class Scored:
     features: NDArray[np.float32]
     inputs: NDArray[np.float64]
     is_lens: NDArray[np.bool_]
-    epistemic_std: NDArray[np.float64] | None
+    theta_E: NDArray[np.float64]
+    """True theta_E (arcsec; NaN for non-lenses)."""
+    mc_means: NDArray[np.float32] | None
+    """(n, T) theta_E of each MC-dropout pass (arcsec), when asked for."""
+    mc_log_variances: NDArray[np.float32] | None
+
+    @property
+    def epistemic_std(self) -> NDArray[np.float64]:
+        """The service's ``einstein_radius.epistemic_std`` of each cutout (arcsec)."""
+        if self.mc_means is None:
+            raise ValueError("scored without the MC model")
+        return self.mc_means.astype(np.float64).std(axis=1)
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -78,8 +89,8 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def score_inputs(
     models_dir: Path, images: NDArray[np.floating], *, epistemic: bool = False
-) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64] | None]:
-    """Features, input statistics and (optionally) epistemic std of raw cutouts.
+) -> tuple[NDArray[np.float32], NDArray[np.float64], tuple[NDArray, NDArray] | None]:
+    """Features, input statistics and (optionally) the MC passes of raw cutouts.
 
     Parameters
     ----------
@@ -88,7 +99,7 @@ def score_inputs(
     images : ndarray, shape (n, 3, 64, 64)
         Cutouts as the service decodes them (flux units; masked pixels NaN).
     epistemic : bool
-        Also run the MC model (100 passes) for the epistemic std of theta_E (arcsec).
+        Also run the MC model (100 passes): theta_E and log-variance of each pass.
     """
     classifier_card = read_model_card(models_dir / f"{CLASSIFIER_NAME}.json")
     if FEATURES_OUTPUT not in classifier_card.output_names:
@@ -100,7 +111,7 @@ def score_inputs(
     mc = None
     if epistemic:
         mc = _session(models_dir / read_model_card(models_dir / f"{MC_NAME}.json").onnx_file)
-    features, inputs, epistemic_std = [], [], []
+    features, inputs, mc_means, mc_log_variances = [], [], [], []
     for start in range(0, len(images), _BATCH):
         cubes = np.asarray(images[start : start + _BATCH])
         batch = preprocess_batch(cubes)
@@ -111,21 +122,23 @@ def score_inputs(
                 ["theta_E_samples", "theta_E_log_variance_samples"],
                 {"image": batch, NUM_SAMPLES_INPUT: np.asarray(_MC_SAMPLES, dtype=np.int32)},
             )
-            summary = summarise_mc_samples(means, log_variances, QUANTILE_LEVELS)
-            epistemic_std.append(summary.epistemic_std)
+            mc_means.append(means)
+            mc_log_variances.append(log_variances)
     return (
         np.concatenate(features).astype(np.float32),
         np.stack(inputs),
-        np.concatenate(epistemic_std) if mc is not None else None,
+        (np.concatenate(mc_means), np.concatenate(mc_log_variances)) if mc is not None else None,
     )
 
 
 def score_dataset(models_dir: Path, data_dir: Path, *, epistemic: bool = False) -> Scored:
     """:func:`score_inputs` on a data folder of NPZ shards and ``labels.csv``."""
     dataset = load_dataset(data_dir)
-    features, inputs, epistemic_std = score_inputs(models_dir, dataset.images, epistemic=epistemic)
+    features, inputs, mc = score_inputs(models_dir, dataset.images, epistemic=epistemic)
     is_lens = dataset.labels["is_lens"].astype(float) > 0.5
-    return Scored(features, inputs, is_lens, epistemic_std)
+    theta_E = np.where(is_lens, dataset.labels["theta_E"].astype(float), np.nan)
+    means, log_variances = mc if mc is not None else (None, None)
+    return Scored(features, inputs, is_lens, theta_E, means, log_variances)
 
 
 def _shrunk_precision(centred: NDArray[np.float64], shrinkage: float) -> NDArray[np.float64]:
@@ -241,6 +254,36 @@ def load_statistics(models_dir: Path) -> tuple[OodStatistics, float]:
     return read_ood_statistics((models_dir / spec.statistics_file).read_bytes()), spec.threshold
 
 
+def novelty_factor(scores: NDArray[np.floating], threshold: float) -> NDArray[np.float64]:
+    """Factor on the epistemic spread tried in docs/ood.md: 1, then score/threshold above it."""
+    return np.maximum(1.0, np.asarray(scores, dtype=np.float64) / threshold)
+
+
+def inflated_summary(
+    scored: Scored, factor: NDArray[np.floating], mixture_levels: tuple[float, ...]
+):
+    """The MC mixture's summary with each cutout's pass means spread by ``factor`` about their mean.
+
+    Spreading the pass means multiplies the epistemic std by ``factor`` and leaves
+    the aleatoric part and the mean unchanged.
+    """
+    means = scored.mc_means.astype(np.float64)
+    centre = means.mean(axis=1, keepdims=True)
+    spread = centre + np.asarray(factor, dtype=np.float64)[:, None] * (means - centre)
+    return summarise_mc_samples(spread, scored.mc_log_variances, mixture_levels)
+
+
+def _coverage_68(
+    scored: Scored, factor: NDArray[np.floating], mixture_levels: tuple[float, ...]
+) -> float:
+    """Share of lenses whose true theta_E lies in the served 0.16-0.84 quantiles."""
+    lens = scored.is_lens
+    quantiles = inflated_summary(scored, factor, mixture_levels).quantiles[lens]
+    low, high = QUANTILE_LEVELS.index(0.16), QUANTILE_LEVELS.index(0.84)
+    truth = scored.theta_E[lens]
+    return float(np.mean((truth >= quantiles[:, low]) & (truth <= quantiles[:, high])))
+
+
 def evaluate_ood(
     models_dir: Path, in_dir: Path, ood_dirs: list[Path], *, n_boot: int = 1000, seed: int = 0
 ) -> dict:
@@ -260,12 +303,16 @@ def evaluate_ood(
         Seed of the bootstrap resampling.
     """
     stats, threshold = load_statistics(models_dir)
+    calibration = read_model_card(models_dir / f"{MC_NAME}.json").interval_calibration
+    levels = QUANTILE_LEVELS if calibration is None else calibration.mixture_levels
     rng = np.random.default_rng(seed)
     reference = score_dataset(models_dir, in_dir, epistemic=True)
     ref_terms = stats.terms(reference.features, reference.inputs)
     ref_scores = ref_terms.max(axis=1)
     ref_flagged = ref_scores > threshold
     ref_epistemic = float(np.median(reference.epistemic_std))
+    ref_factor = novelty_factor(ref_scores, threshold)
+    ref_inflated = float(np.median(reference.epistemic_std * ref_factor))
     flagged_interval = bootstrap_interval(
         lambda idx: float(np.mean(ref_flagged[idx[0]])), [len(ref_flagged)], rng, n_boot=n_boot
     )
@@ -278,6 +325,9 @@ def evaluate_ood(
             "flagged_fraction": float(np.mean(ref_flagged)),
             "flagged_fraction_95": flagged_interval,
             "median_epistemic_std_arcsec": ref_epistemic,
+            "median_epistemic_std_inflated_arcsec": ref_inflated,
+            "coverage_68_lenses": _coverage_68(reference, np.ones(len(ref_scores)), levels),
+            "coverage_68_lenses_inflated": _coverage_68(reference, ref_factor, levels),
             "median_terms": np.median(ref_terms, axis=0).tolist(),
         },
         "kinds": {},
@@ -298,6 +348,7 @@ def evaluate_ood(
             auroc(labels, np.r_[ref_terms[:, k], terms[:, k]]) for k in range(terms.shape[1])
         ]
         median_epistemic = float(np.median(scored.epistemic_std))
+        inflated = float(np.median(scored.epistemic_std * novelty_factor(scores, threshold)))
         result["kinds"][ood_dir.name] = {
             "n": len(scores),
             "auroc": auroc(labels, both),
@@ -307,6 +358,8 @@ def evaluate_ood(
             "flagged_fraction": float(np.mean(scores > threshold)),
             "median_epistemic_std_arcsec": median_epistemic,
             "epistemic_ratio": median_epistemic / ref_epistemic,
+            "median_epistemic_std_inflated_arcsec": inflated,
+            "epistemic_ratio_inflated": inflated / ref_inflated,
             "auroc_epistemic_std": auroc(
                 labels, np.r_[reference.epistemic_std, scored.epistemic_std]
             ),
@@ -321,11 +374,15 @@ def format_table(result: dict) -> str:
     lines = [
         f"In-distribution ({ref['data']}, n = {ref['n']}): flagged {ref['flagged_fraction']:.2%} "
         f"(95%: {low:.2%}-{high:.2%}); median epistemic std "
-        f"{ref['median_epistemic_std_arcsec']:.4f} arcsec.",
+        f"{ref['median_epistemic_std_arcsec']:.4f} arcsec "
+        f"({ref['median_epistemic_std_inflated_arcsec']:.4f} inflated); "
+        f"68% coverage of lenses {ref['coverage_68_lenses']:.3f} "
+        f"({ref['coverage_68_lenses_inflated']:.3f} inflated).",
         "",
         "| kind | n | AUROC (95% bootstrap) | AUROC features / inputs term | flagged "
-        "| median epistemic std (arcsec) | ratio to in-distribution | AUROC of epistemic std |",
-        "|---|---|---|---|---|---|---|---|",
+        "| median epistemic std (arcsec) | ratio to in-distribution | AUROC of epistemic std "
+        "| ratio, inflated |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for kind, row in result["kinds"].items():
         a_low, a_high = row["auroc_95"]
@@ -333,6 +390,7 @@ def format_table(result: dict) -> str:
             f"| {kind} | {row['n']} | {row['auroc']:.3f} ({a_low:.3f}-{a_high:.3f}) | "
             f"{row['auroc_features_term']:.3f} / {row['auroc_inputs_term']:.3f} | "
             f"{row['flagged_fraction']:.1%} | {row['median_epistemic_std_arcsec']:.4f} | "
-            f"{row['epistemic_ratio']:.2f} | {row['auroc_epistemic_std']:.3f} |"
+            f"{row['epistemic_ratio']:.2f} | {row['auroc_epistemic_std']:.3f} | "
+            f"{row['epistemic_ratio_inflated']:.2f} |"
         )
     return "\n".join(lines)

