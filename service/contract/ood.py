@@ -78,16 +78,16 @@ STATISTICS_ARRAYS: dict[str, str] = {
 }
 
 
-def _median(values: NDArray[np.float64], axis: int) -> NDArray[np.float64]:
-    """Median of each row (``axis=1``) leaving NaN out; the preprocessing's fast path if no NaN."""
-    if np.isnan(values).any():
-        return np.nanmedian(values, axis=axis)
-    return _row_medians(values)
+def _median(rows: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Median of each row leaving NaN out; the preprocessing's fast path when there is none."""
+    if np.isnan(rows).any():
+        return np.nanmedian(rows, axis=1)
+    return _row_medians(rows)
 
 
 def _band_sigmas(flat: NDArray[np.float64]) -> NDArray[np.float64]:
     """Robust (MAD) noise sigma of each row of a (bands, pixels) array (flux units)."""
-    return 1.4826 * _median(np.abs(flat - _median(flat, axis=1)[:, None]), axis=1)
+    return 1.4826 * _median(np.abs(flat - _median(flat)[:, None]))
 
 
 def _noise_correlations(data: NDArray[np.float64], sigma: NDArray[np.float64]) -> list[float]:
@@ -185,7 +185,7 @@ def _input_statistics(data: NDArray[np.float64]) -> NDArray[np.float64]:
     """:func:`input_statistics` of a float64 cube whose masked pixels are NaN."""
     inner = np.ones(data.shape[1:], dtype=bool)
     inner[_BORDER_PIXELS:-_BORDER_PIXELS, _BORDER_PIXELS:-_BORDER_PIXELS] = False
-    background = np.nan_to_num(_median(data[:, inner], axis=1))
+    background = np.nan_to_num(_median(data[:, inner]))
     data = data - background[:, None, None]
     sigma = np.maximum(np.nan_to_num(_band_sigmas(data.reshape(len(data), -1))), _SIGMA_FLOOR)
     cy, cx = data.shape[1] // 2, data.shape[2] // 2
