@@ -79,6 +79,11 @@ def _export(args: argparse.Namespace) -> None:
 def _ood(args: argparse.Namespace) -> None:
     from training.ood import fit_ood
 
+    if args.reexport_classifier:
+        from training.export import reexport_classifier
+
+        card = reexport_classifier(Path(args.models))
+        print(f"re-exported the classifier with its features output; updated {card}")
     entry = fit_ood(
         Path(args.models),
         [Path(d) for d in args.fit_data],
@@ -206,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ood.add_argument(
         "--flagged-fraction", type=float, default=0.01, help="share of the threshold data flagged"
+    )
+    ood.add_argument(
+        "--reexport-classifier",
+        action="store_true",
+        help="first re-export the classifier from its .keras file with the features output "
+        "(for models exported before it had one)",
     )
     ood.set_defaults(handler=_ood)
 
