@@ -106,7 +106,8 @@ class EinsteinRadiusDistribution(BaseModel):
     std: float = Field(description="Total standard deviation of theta_E (arcsec).")
     aleatoric_std: float = Field(description="Standard deviation from noise in the data (arcsec).")
     epistemic_std: float = Field(
-        description="Standard deviation from the model's own uncertainty (arcsec)."
+        description="Standard deviation from the model's own uncertainty (arcsec); widened "
+        "by score / threshold when `out_of_distribution.flag` is true."
     )
     quantiles: Quantiles
     samples: list[float] | None = Field(

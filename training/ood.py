@@ -39,7 +39,9 @@ from service.contract.ood import (
     OOD_METHOD_ID,
     OodStatistics,
     input_statistics,
+    novelty_factor,
     read_ood_statistics,
+    spread_pass_means,
 )
 from service.contract.preprocessing import preprocess_batch
 from service.contract.uncertainty import QUANTILE_LEVELS, summarise_mc_samples
@@ -254,11 +256,6 @@ def load_statistics(models_dir: Path) -> tuple[OodStatistics, float]:
     return read_ood_statistics((models_dir / spec.statistics_file).read_bytes()), spec.threshold
 
 
-def novelty_factor(scores: NDArray[np.floating], threshold: float) -> NDArray[np.float64]:
-    """Factor on the epistemic spread tried in docs/ood.md: 1, then score/threshold above it."""
-    return np.maximum(1.0, np.asarray(scores, dtype=np.float64) / threshold)
-
-
 def inflated_summary(
     scored: Scored, factor: NDArray[np.floating], mixture_levels: tuple[float, ...]
 ):
@@ -267,9 +264,7 @@ def inflated_summary(
     Spreading the pass means multiplies the epistemic std by ``factor`` and leaves
     the aleatoric part and the mean unchanged.
     """
-    means = scored.mc_means.astype(np.float64)
-    centre = means.mean(axis=1, keepdims=True)
-    spread = centre + np.asarray(factor, dtype=np.float64)[:, None] * (means - centre)
+    spread = spread_pass_means(scored.mc_means, factor)
     return summarise_mc_samples(spread, scored.mc_log_variances, mixture_levels)
 
 

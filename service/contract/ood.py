@@ -53,6 +53,8 @@ INPUT_STATISTIC_NAMES: tuple[str, ...] = (
     "log10_peak_flux",
     "noise_autocorrelation",
     "peak_concentration",
+    "log10_peak_curvature",
+    "log10_peak_second_moment",
 )
 
 #: Width of the border (pixels) whose median is each band's background (as preprocessing).
@@ -152,6 +154,29 @@ def _peak_concentration(data: NDArray[np.float64]) -> float:
     return float(box[2:5, 2:5].sum() / outer) if outer > 0 else 0.0
 
 
+def _peak_shape(data: NDArray[np.float64]) -> tuple[float, float]:
+    """How sharp the brightest object of the band sum is, in pixels: the PSF and pixel scale.
+
+    At the brightest pixel at least 3 pixels from the edge: log10 of the
+    discrete Laplacian over the peak (2/sigma^2 for a Gaussian of sigma pixels),
+    and log10 of the light-weighted mean squared radius (pixels^2) in its 7x7 box.
+    """
+    total = np.nan_to_num(data).sum(axis=0)
+    inner = total[3:-3, 3:-3]
+    y, x = np.unravel_index(int(np.argmax(inner)), inner.shape)
+    y, x = y + 3, x + 3
+    peak = float(total[y, x])
+    if not peak > 0:
+        return -3.0, -3.0
+    neighbours = total[y - 1, x] + total[y + 1, x] + total[y, x - 1] + total[y, x + 1]
+    curvature = (4.0 * peak - float(neighbours)) / peak
+    box = np.clip(total[y - 3 : y + 4, x - 3 : x + 4], 0.0, None)
+    offsets = np.arange(-3, 4)
+    radius2 = offsets[:, None] ** 2 + offsets[None, :] ** 2
+    moment = float((box * radius2).sum() / max(float(box.sum()), 1e-30))
+    return float(np.log10(max(curvature, 1e-3))), float(np.log10(max(moment, 1e-3)))
+
+
 def input_statistics(cube: NDArray[np.floating]) -> NDArray[np.float64]:
     """The cheap input statistics of one cutout, before preprocessing.
 
@@ -163,14 +188,15 @@ def input_statistics(cube: NDArray[np.floating]) -> NDArray[np.float64]:
 
     Returns
     -------
-    ndarray, shape (15,)
+    ndarray, shape (17,)
         In the order of ``INPUT_STATISTIC_NAMES``: log10 of each band's noise
         sigma (flux units); each band's border median over its sigma; the
         correlation of the noise of g-r, r-i and g-i; the asinh colours g-r and
         r-i of the central 9x9 pixels' flux (softened at the box's noise);
         log10 of the brightest pixel over its band's sigma, and of its flux;
         the correlation of adjacent sky pixels; the share of the light within
-        one pixel of the brightest pixel (3x3 over 7x7 of the band sum).
+        one pixel of the brightest pixel (3x3 over 7x7 of the band sum); the
+        curvature and second moment of the brightest object (:func:`_peak_shape`).
     """
     data = np.asarray(cube, dtype=np.float64)
     if data.ndim != 3 or data.shape[0] != 3:
@@ -207,6 +233,7 @@ def _input_statistics(data: NDArray[np.float64]) -> NDArray[np.float64]:
             np.log10(max(peak[brightest], sigma[brightest])),
             _noise_autocorrelation(data, sigma),
             _peak_concentration(data),
+            *_peak_shape(data),
         ]
     )
 
@@ -279,6 +306,30 @@ class OodStatistics:
             },
         )
         return buffer.getvalue()
+
+
+def novelty_factor(scores: NDArray[np.floating], threshold: float) -> NDArray[np.float64]:
+    """Factor on the epistemic spread of theta_E: 1 up to the threshold, score/threshold above.
+
+    The MC-dropout spread comes from the last layers only and hardly grows on
+    inputs unlike the training data (docs/ood.md); a flagged cutout's pass means
+    are spread about their mean by this factor, so its epistemic std grows with
+    its distance beyond the threshold. Cutouts under the threshold (99% of
+    in-distribution ones) keep their distribution unchanged.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if not threshold > 0:
+        return np.ones_like(scores)
+    return np.where(np.isfinite(scores), np.maximum(1.0, scores / threshold), 1.0)
+
+
+def spread_pass_means(
+    sample_means: NDArray[np.floating], factor: NDArray[np.floating]
+) -> NDArray[np.float64]:
+    """(n, T) pass means spread about each row's mean by ``factor``: epistemic std x factor."""
+    means = np.asarray(sample_means, dtype=np.float64)
+    centre = means.mean(axis=1, keepdims=True)
+    return centre + np.asarray(factor, dtype=np.float64)[:, None] * (means - centre)
 
 
 def read_ood_statistics(data: bytes) -> OodStatistics:

@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.contract.cards import PARAMETER_COMPONENTS, InputSpec, ModelSet
-from service.contract.ood import input_statistics
+from service.contract.ood import input_statistics, novelty_factor, spread_pass_means
 from service.contract.preprocessing import preprocess_cutout
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
@@ -459,6 +459,16 @@ def _out_of_distribution(
     return answers
 
 
+def _widened_for_novelty(
+    sample_means: NDArray[np.float32], ood: list[OutOfDistribution | None], threshold: float
+) -> NDArray[np.floating]:
+    """The MC pass means, spread by :func:`~service.contract.ood.novelty_factor` where flagged."""
+    scores = np.array([o.score if o is not None and o.flag else -np.inf for o in ood])
+    if not np.isfinite(scores).any():
+        return sample_means
+    return spread_pass_means(sample_means, novelty_factor(scores, threshold))
+
+
 def _ood_warnings(ood: OutOfDistribution | None, threshold: float) -> tuple[str, ...]:
     """The warning of a flagged cutout; none otherwise."""
     if ood is None or not ood.flag:
@@ -467,21 +477,21 @@ def _ood_warnings(ood: OutOfDistribution | None, threshold: float) -> tuple[str,
         f"out-of-distribution score {ood.score:.3g} is above {threshold:.3g}, the threshold "
         "1% of in-distribution test cutouts exceed: this cutout is unlike the training data "
         "(other units or zero point, bands out of order, another PSF or pixel scale, or "
-        "contents never simulated); treat its predictions with caution",
+        "contents never simulated); treat its predictions with caution (the epistemic "
+        "part of theta_E's uncertainty is widened by score / threshold)",
     )
 
 
 def _summarise(item: _BatchItem, raw: RawPredictions, models: ModelSet) -> list[CutoutOutcome]:
     """Per-cutout predictions from one item's raw model outputs; quantiles at the MC card's
     (recalibrated) mixture levels, and the out-of-distribution score."""
-    summary = summarise_mc_samples(
-        raw.theta_E_samples, raw.theta_E_log_variance_samples, models.mc_mixture_levels
-    )
     ood = _out_of_distribution(item.cutouts, raw, models)
+    means = _widened_for_novelty(raw.theta_E_samples, ood, models.ood_threshold)
+    summary = summarise_mc_samples(
+        means, raw.theta_E_log_variance_samples, models.mc_mixture_levels
+    )
     samples = (
-        draw_predictive_samples(
-            raw.theta_E_samples, raw.theta_E_log_variance_samples, item.sample_rng()
-        )
+        draw_predictive_samples(means, raw.theta_E_log_variance_samples, item.sample_rng())
         if item.include_samples
         else None
     )

@@ -26,8 +26,11 @@ from service.contract.ood import (
     INPUT_STATISTIC_NAMES,
     OodStatistics,
     input_statistics,
+    novelty_factor,
     read_ood_statistics,
+    spread_pass_means,
 )
+from service.contract.uncertainty import summarise_mc_samples
 from service.errors import ModelUnavailableError
 from service.settings import Settings
 
@@ -50,7 +53,7 @@ def test_input_statistics_see_units_offsets_and_copied_bands():
     rng = np.random.default_rng(1)
     cube = _noise_cube(rng, (8.0, 10.0, 16.0))
     stats = dict(zip(INPUT_STATISTIC_NAMES, input_statistics(cube), strict=True))
-    assert len(stats) == 15
+    assert len(stats) == 17
     # log10 of the noise levels 8, 10, 16 that were drawn; MAD on 4096 pixels: within 5%.
     np.testing.assert_allclose(
         [stats[f"log10_noise_sigma_{b}"] for b in "gri"], np.log10([8, 10, 16]), atol=0.02
@@ -97,6 +100,22 @@ def test_the_score_is_the_larger_standardised_log_distance():
     np.testing.assert_allclose(stats.score(features, inputs), [np.log(4), np.log(9)], rtol=1e-6)
     inputs[1, 0] = np.nan
     assert stats.score(features, inputs)[1] == np.inf
+
+
+def test_flagged_cutouts_get_their_epistemic_std_widened_by_score_over_threshold():
+    np.testing.assert_allclose(
+        novelty_factor(np.array([-1.0, 4.0, 10.0, np.inf]), 5.0), [1.0, 1.0, 2.0, 1.0]
+    )
+    rng = np.random.default_rng(8)
+    means = rng.normal(1.5, 0.05, (3, 200))
+    log_variances = np.full((3, 200), np.log(0.1**2))
+    factor = np.array([1.0, 2.0, 3.5])
+    before = summarise_mc_samples(means, log_variances)
+    after = summarise_mc_samples(spread_pass_means(means, factor), log_variances)
+    # Spreading the pass means scales the epistemic std exactly; mean and aleatoric part stay.
+    np.testing.assert_allclose(after.epistemic_std, before.epistemic_std * factor, rtol=1e-12)
+    np.testing.assert_allclose(after.mean, before.mean, rtol=1e-12)
+    np.testing.assert_allclose(after.aleatoric_std, before.aleatoric_std, rtol=1e-12)
 
 
 def test_a_statistics_file_of_the_wrong_shape_is_refused():
@@ -206,4 +225,11 @@ def test_out_of_distribution_cubes_are_flagged_with_a_warning(app_client, kind):
         if result["out_of_distribution"]["flag"]:
             flagged += 1
             assert any("out-of-distribution score" in w for w in result["warnings"])
+            radius = result["einstein_radius"]
+            # Still one consistent distribution after the epistemic part is widened.
+            np.testing.assert_allclose(
+                radius["std"] ** 2,
+                radius["aleatoric_std"] ** 2 + radius["epistemic_std"] ** 2,
+                rtol=1e-6,
+            )
     assert flagged >= MIN_FLAGGED[kind] * len(CLEAN), f"{kind}: {flagged} of {len(CLEAN)} flagged"
