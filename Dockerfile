@@ -50,7 +50,7 @@ COPY --from=gpu-build /opt/lensserve /opt/lensserve
 RUN /opt/lensserve/bin/python -c "import nvidia, pathlib; print('\n'.join(str(p) for d in nvidia.__path__ for p in sorted(pathlib.Path(d).glob('*/lib'))))" \
         > /etc/ld.so.conf.d/lensserve-nvidia.conf \
     && ldconfig
-COPY models/*.onnx models/*.json /app/models/
+COPY models/*.onnx models/*.json models/*.npz /app/models/
 ENV PATH=/opt/lensserve/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -67,7 +67,7 @@ CMD ["lensserve", "serve", "--host", "0.0.0.0", "--port", "8000"]
 FROM ${PYTHON_IMAGE} AS cpu
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin lensserve
 COPY --from=cpu-build /opt/lensserve /opt/lensserve
-COPY models/*.onnx models/*.json /app/models/
+COPY models/*.onnx models/*.json models/*.npz /app/models/
 ENV PATH=/opt/lensserve/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

@@ -55,6 +55,7 @@ models: $(VENV)/.train
 	$(BIN)/python -m training train --data $(DATA)/train --runs $(RUNS)
 	$(BIN)/python -m training evaluate --data $(DATA)/test --runs $(RUNS)
 	$(BIN)/python -m training export --runs $(RUNS) --models models --data $(DATA)/train $(DATA)/test
+	$(BIN)/python -m training ood --models models --fit-data $(DATA)/train --threshold-data $(DATA)/test
 
 # The sample cutouts of examples/cutouts, bit for bit (training/samples.py).
 SAMPLES_SEED ?= 13

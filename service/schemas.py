@@ -38,6 +38,7 @@ _EXAMPLE_RESULT: dict[str, Any] = {
     "wcs": {"ra": 52.3791, "dec": -27.9183},
     "warnings": [],
     "error": None,
+    "out_of_distribution": {"score": -0.4, "flag": False},
 }
 _EXAMPLE_FAILED_RESULT: dict[str, Any] = {
     "filename": "notes.txt",
@@ -111,7 +112,8 @@ class EinsteinRadiusDistribution(BaseModel):
     std: float = Field(description="Total standard deviation of theta_E (arcsec).")
     aleatoric_std: float = Field(description="Standard deviation from noise in the data (arcsec).")
     epistemic_std: float = Field(
-        description="Standard deviation from the model's own uncertainty (arcsec)."
+        description="Standard deviation from the model's own uncertainty (arcsec); widened "
+        "by score / threshold when `out_of_distribution.flag` is true."
     )
     quantiles: Quantiles
     samples: list[float] | None = Field(
@@ -178,6 +180,19 @@ class ExplanationMaps(BaseModel):
     )
 
 
+class OutOfDistributionScore(BaseModel):
+    """How unlike the training data the cutout is (image features and input statistics)."""
+
+    score: float = Field(
+        description="Standardised score; higher means less like the training data "
+        "(0 is the training data's median, 1 its robust spread)."
+    )
+    flag: bool = Field(
+        description="True when the score is above the threshold that 1% of in-distribution "
+        "test cutouts exceed; a warning then says so."
+    )
+
+
 class CutoutResult(BaseModel):
     """The answer for one input file; either the predictions or `error` is set."""
 
@@ -204,6 +219,11 @@ class CutoutResult(BaseModel):
         exclude_if=lambda value: value is None,
         description="What drives P(lens) and theta_E, pixel by pixel; present only with "
         "`explain=true`.",
+    )
+    out_of_distribution: OutOfDistributionScore | None = Field(
+        default=None,
+        description="Out-of-distribution score and flag; null when the file could not be used "
+        "or the models ship no out-of-distribution statistics.",
     )
 
 
@@ -306,6 +326,11 @@ def encode_result(outcome: CutoutPrediction | LensServeError, *, filename: str) 
         warnings=list(outcome.warnings),
         error=None,
         explanation=None if maps is None else encode_explanation(maps),
+        out_of_distribution=None
+        if outcome.out_of_distribution is None
+        else OutOfDistributionScore(
+            score=outcome.out_of_distribution.score, flag=outcome.out_of_distribution.flag
+        ),
     )
 
 

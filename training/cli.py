@@ -157,6 +157,47 @@ def _export(args: argparse.Namespace) -> None:
     export_all(Path(args.runs), Path(args.models), data_dirs=[Path(d) for d in args.data])
 
 
+def _ood(args: argparse.Namespace) -> None:
+    from training.ood import fit_ood
+
+    if args.reexport_classifier:
+        from training.export import reexport_classifier
+
+        card = reexport_classifier(Path(args.models))
+        print(f"re-exported the classifier with its features output; updated {card}")
+    entry = fit_ood(
+        Path(args.models),
+        [Path(d) for d in args.fit_data],
+        [Path(d) for d in args.threshold_data],
+        flagged_fraction=args.flagged_fraction,
+    )
+    print(
+        f"threshold {entry['threshold']:.4f} flags {entry['flagged_fraction']:.2%} of the "
+        f"threshold data; wrote {Path(args.models) / entry['statistics_file']}"
+    )
+
+
+def _ood_sets(args: argparse.Namespace) -> None:
+    from training.ood_sets import OOD_KINDS, write_ood_sets
+
+    kinds = tuple(args.kinds) if args.kinds else OOD_KINDS
+    written = write_ood_sets(Path(args.data), Path(args.out), n=args.n, seed=args.seed, kinds=kinds)
+    print(f"wrote {len(written)} out-of-distribution sets into {args.out}")
+
+
+def _ood_evaluate(args: argparse.Namespace) -> None:
+    import json
+
+    from training.ood import evaluate_ood, format_table
+
+    ood_root = Path(args.ood)
+    ood_dirs = sorted(d for d in ood_root.iterdir() if (d / "labels.csv").exists())
+    result = evaluate_ood(Path(args.models), Path(args.data), ood_dirs, n_boot=args.n_boot)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +343,49 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", nargs="+", default=[], help="train/test data dirs (for the cards)"
     )
     export.set_defaults(handler=_export)
+
+    ood = commands.add_parser(
+        "ood",
+        help="fit the out-of-distribution statistics and set their threshold (models/ in place)",
+    )
+    ood.add_argument("--models", default="models", help="models folder (classifier with features)")
+    ood.add_argument("--fit-data", required=True, nargs="+", help="training data folders")
+    ood.add_argument(
+        "--threshold-data",
+        required=True,
+        nargs="+",
+        help="in-distribution test folders the threshold is set on (the sealed set)",
+    )
+    ood.add_argument(
+        "--flagged-fraction", type=float, default=0.01, help="share of the threshold data flagged"
+    )
+    ood.add_argument(
+        "--reexport-classifier",
+        action="store_true",
+        help="first re-export the classifier from its .keras file with the features output "
+        "(for models exported before it had one)",
+    )
+    ood.set_defaults(handler=_ood)
+
+    ood_sets = commands.add_parser(
+        "ood-sets", help="out-of-distribution test sets derived from simulated cutouts"
+    )
+    ood_sets.add_argument("--data", required=True, help="in-distribution simulated cutouts")
+    ood_sets.add_argument("--out", required=True, help="one folder per kind is written here")
+    ood_sets.add_argument("--n", type=int, default=1000, help="cutouts per kind")
+    ood_sets.add_argument("--seed", type=int, default=0)
+    ood_sets.add_argument("--kinds", nargs="*", help="a subset of the kinds (default: all)")
+    ood_sets.set_defaults(handler=_ood_sets)
+
+    ood_evaluate = commands.add_parser(
+        "ood-evaluate", help="AUROC and flagged shares of the out-of-distribution score"
+    )
+    ood_evaluate.add_argument("--models", default="models")
+    ood_evaluate.add_argument("--data", required=True, help="in-distribution test cutouts")
+    ood_evaluate.add_argument("--ood", required=True, help="folder written by ood-sets")
+    ood_evaluate.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+    ood_evaluate.add_argument("--out", help="also write the results as JSON here")
+    ood_evaluate.set_defaults(handler=_ood_evaluate)
     return parser
 
 

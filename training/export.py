@@ -21,7 +21,7 @@ import onnx
 import tensorflow as tf
 import tf2onnx
 
-from service.contract.cards import ModelCard, dump_model_card
+from service.contract.cards import FEATURES_OUTPUT, ModelCard, dump_model_card, read_model_card
 from service.contract.preprocessing import PREPROCESSING_ID
 from training.config import BANDS, PIXEL_SCALE_ARCSEC
 from training.evaluate import METRICS_FILE, PLOT_FILES
@@ -53,6 +53,14 @@ _OUTPUTS = {
             "dtype": "float32",
             "meaning": "probability that the cutout is a strong gravitational lens",
             "unit": "probability",
+        },
+        {
+            "name": FEATURES_OUTPUT,
+            "shape": [None, None],
+            "dtype": "float32",
+            "meaning": "the classifier trunk's feature vector (input of its logit layer), "
+            "for the out-of-distribution score (service.contract.ood)",
+            "unit": "",
         },
     ],
     "einstein_radius": [_PARAMETERS_OUTPUT],
@@ -121,11 +129,35 @@ def _function_for(name: str, model: keras.Model, *, regressor: keras.Model | Non
             tuple(model.input_shape[1:]),
             point_head=regressor_point_head(regressor),
         )
+    if name == "lens_classifier":
+        return _classifier_with_features(model, image_spec)
     output_name = _OUTPUTS[name][0]["name"]
 
     @tf.function(input_signature=[image_spec])
     def predict(image):
         return tf.identity(model(image, training=False), name=output_name)
+
+    return predict
+
+
+def _classifier_with_features(model: keras.Model, image_spec: tf.TensorSpec):
+    """The classifier's probability and its trunk's feature vector, from one trunk pass.
+
+    The head after the trunk is dropout (off at inference), the logit layer and a
+    sigmoid (:func:`training.models.build_lens_classifier`); it is applied here to
+    the trunk's output so the graph computes the trunk once.
+    """
+    trunk = model.get_layer("lens_classifier_trunk")
+    logit_layer = model.get_layer("lens_classifier_logit")
+
+    @tf.function(input_signature=[image_spec])
+    def predict(image):
+        features = trunk(image, training=False)
+        probability = tf.sigmoid(logit_layer(features))
+        return (
+            tf.identity(probability, name="lens_probability"),
+            tf.identity(features, name=FEATURES_OUTPUT),
+        )
 
     return predict
 
@@ -167,6 +199,27 @@ def export_onnx(
     _unseed_random_nodes(proto)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+
+
+def reexport_classifier(models_dir: Path) -> Path:
+    """Re-export ``models_dir``'s classifier from its ``.keras`` file with the ``features`` output.
+
+    For models exported before the classifier had a second output: the ONNX file is
+    rewritten, and its card gets the new output list and sha256; everything else in
+    the card (version, metrics, training) is kept. Returns the card's path.
+    """
+    name = "lens_classifier"
+    card_path = models_dir / f"{name}.json"
+    card = json.loads(card_path.read_text())
+    read_model_card(card_path)  # refuse to rewrite a card the service would not read
+    model = keras.saving.load_model(models_dir / card["keras_file"], compile=False)
+    onnx_path = models_dir / card["onnx_file"]
+    export_onnx(name, model, onnx_path)
+    # Updated in place, so that the card keeps its key order and the diff shows what changed.
+    card.update(outputs=_OUTPUTS[name], onnx_sha256=sha256_of(onnx_path))
+    ModelCard.model_validate(card)
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    return card_path
 
 
 def sha256_of(path: Path) -> str:

@@ -246,3 +246,34 @@ def purity(tpr: NDArray, fpr: NDArray, prevalence: float) -> NDArray[np.float64]
     """
     selected = tpr * prevalence + fpr * (1 - prevalence)
     return np.where(selected > 0, _safe_ratio(tpr * prevalence, selected), 1.0)
+
+
+def bootstrap_interval(
+    statistic: Callable[[list[NDArray]], float],
+    sizes: list[int],
+    rng: np.random.Generator,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of one or more independent samples.
+
+    Parameters
+    ----------
+    statistic : callable
+        Takes one index array per sample (rows drawn with replacement) and
+        returns the statistic of those rows.
+    sizes : list of int
+        Size of each sample (rows); each is resampled on its own, so a two-sample
+        statistic such as an AUROC keeps both sizes.
+    rng : numpy.random.Generator
+        Source of the resampling.
+    n_boot : int
+        Resamples (count).
+    level : float
+        Coverage of the central interval (fraction).
+    """
+    values = [statistic([rng.integers(0, size, size) for size in sizes]) for _ in range(n_boot)]
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return float(low), float(high)

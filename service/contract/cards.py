@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.contract.ood import OOD_METHOD_ID, OodStatistics, read_ood_statistics
 from service.contract.preprocessing import PREPROCESSING_ID
 from service.contract.uncertainty import QUANTILE_LEVELS, RegimeTable
 from service.errors import ModelUnavailableError
@@ -34,6 +35,9 @@ REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
     REGRESSOR_NAME: ("parameters",),
     MC_NAME: ("theta_E_samples", "theta_E_log_variance_samples"),
 }
+#: Optional classifier output: the trunk's feature vector, read for the out-of-distribution
+#: score (:mod:`service.contract.ood`) when the card lists it.
+FEATURES_OUTPUT = "features"
 #: Optional MC output: the regressor's point parameters from the MC graph's one trunk pass.
 #: When the MC card lists it, the full answer runs two models instead of three.
 MC_PARAMETERS_OUTPUT = "parameters"
@@ -151,6 +155,19 @@ class RegimeCalibration(BaseModel):
             residual_quantiles=np.asarray(self.residual_quantiles, dtype=np.float64),
         )
 
+class OutOfDistributionSpec(BaseModel):
+    """The classifier card's out-of-distribution score (:mod:`service.contract.ood`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: str = Field(description="Identifier of the score's maths and statistics.")
+    statistics_file: str = Field(description="The statistics' .npz file, next to the card.")
+    statistics_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    threshold: float = Field(description="Scores above it are flagged (score units).")
+    flagged_fraction: float = Field(
+        ge=0, le=1, description="Share (0-1) of the threshold data flagged at that threshold."
+    )
+
 
 def _pairs(values: tuple[float, ...]) -> list[tuple[float, float]]:
     return list(zip(values[:-1], values[1:], strict=True))
@@ -175,6 +192,7 @@ class ModelCard(BaseModel):
     onnx_opset: int | None = None
     interval_calibration: IntervalCalibration | None = None
     regime_calibration: RegimeCalibration | None = None
+    out_of_distribution: OutOfDistributionSpec | None = None
 
     @property
     def output_names(self) -> list[str]:
@@ -198,6 +216,8 @@ class ModelSet:
     mc: ModelCard
     onnx_bytes: dict[str, bytes]
     """Serialized ONNX model of each card, keyed by card name (bytes, already verified)."""
+    ood: OodStatistics | None = None
+    """The out-of-distribution statistics of the classifier's card (None: no score)."""
 
     @property
     def cards(self) -> dict[str, ModelCard]:
@@ -225,6 +245,12 @@ class ModelSet:
         """The MC card's per-regime calibration, or None when the card has none."""
         calibration = self.mc.regime_calibration
         return None if calibration is None else calibration.table()
+
+    @property
+    def ood_threshold(self) -> float:
+        """Score above which a cutout is flagged (score units; inf without statistics)."""
+        spec = self.classifier.out_of_distribution
+        return float("inf") if spec is None or self.ood is None else spec.threshold
 
     @property
     def mc_gives_parameters(self) -> bool:
@@ -278,6 +304,51 @@ def _read_verified_onnx(card: ModelCard, models_dir: Path) -> bytes:
             f"{card.onnx_sha256}; the file and the card do not belong together"
         )
     return data
+
+
+def _read_ood_statistics(card: ModelCard, models_dir: Path) -> OodStatistics | None:
+    """The classifier's out-of-distribution statistics, checked against its card; None if none.
+
+    A card with an ``out_of_distribution`` entry must also list the ``features``
+    output, and the file must match its sha256 and the features' length.
+    """
+    spec = card.out_of_distribution
+    if spec is None:
+        return None
+    if FEATURES_OUTPUT not in card.output_names:
+        raise ModelUnavailableError(
+            f"model {card.name!r}: its card has out-of-distribution statistics but no "
+            f"{FEATURES_OUTPUT!r} output (outputs: {card.output_names})"
+        )
+    if spec.method != OOD_METHOD_ID:
+        raise ModelUnavailableError(
+            f"model {card.name!r}: out-of-distribution method {spec.method!r}; this service "
+            f"implements {OOD_METHOD_ID!r}"
+        )
+    path = models_dir / spec.statistics_file
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelUnavailableError(
+            f"model {card.name!r}: cannot read its out-of-distribution statistics {path}: {exc}"
+        ) from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != spec.statistics_sha256:
+        raise ModelUnavailableError(
+            f"model {card.name!r}: {path} has SHA-256 {actual}, but its card expects "
+            f"{spec.statistics_sha256}; the file and the card do not belong together"
+        )
+    try:
+        stats = read_ood_statistics(data)
+    except ValueError as exc:
+        raise ModelUnavailableError(f"model {card.name!r}: {path}: {exc}") from exc
+    shape = card.output(FEATURES_OUTPUT).shape
+    if len(shape) == 2 and shape[1] is not None and shape[1] != stats.n_features:
+        raise ModelUnavailableError(
+            f"model {card.name!r}: {path} is for {stats.n_features} features; the "
+            f"{FEATURES_OUTPUT!r} output has {shape[1]}"
+        )
+    return stats
 
 
 def _check_card(card: ModelCard, reference: InputSpec) -> None:
@@ -373,4 +444,5 @@ def read_model_cards(models_dir: Path) -> ModelSet:
         regressor=cards[REGRESSOR_NAME],
         mc=cards[MC_NAME],
         onnx_bytes={name: _read_verified_onnx(card, models_dir) for name, card in cards.items()},
+        ood=_read_ood_statistics(cards[CLASSIFIER_NAME], models_dir),
     )

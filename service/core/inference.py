@@ -31,6 +31,7 @@ from service.contract.cards import (
     InputSpec,
     ModelSet,
 )
+from service.contract.ood import input_statistics, novelty_factor, spread_pass_means
 from service.contract.preprocessing import preprocess_cutout, signal_to_noise
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
@@ -77,6 +78,8 @@ class PreparedCutout:
         if self.signal_to_noise is not None:
             return self.signal_to_noise
         return float(signal_to_noise(self.image))
+    input_statistics: NDArray[np.float64] | None = None
+    """:func:`service.contract.ood.input_statistics` of the decoded cutout, before preprocessing."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,16 @@ class EinsteinRadiusPrediction:
 
 
 @dataclass(frozen=True)
+class OutOfDistribution:
+    """How unlike the training data one cutout is (:mod:`service.contract.ood`)."""
+
+    score: float
+    """Standardised score; higher means less like the training data."""
+    flag: bool
+    """Whether the score is above the classifier card's threshold."""
+
+
+@dataclass(frozen=True)
 class CutoutPrediction:
     """Everything the models say about one cutout."""
 
@@ -113,6 +126,8 @@ class CutoutPrediction:
     """Occlusion maps of what drives P(lens) and theta_E, when they were asked for."""
     signal_to_noise: float | None = None
     """Signal-to-noise of the central aperture (dimensionless), when it was measured."""
+    out_of_distribution: OutOfDistribution | None = None
+    """None when the models ship no out-of-distribution statistics."""
 
 
 #: One slot of a batch answer: a prediction, or the error that stopped this cutout.
@@ -248,6 +263,7 @@ def _prepared(decoded: DecodedCutout, filename: str) -> PreparedCutout:
         dec_deg=decoded.dec_deg,
         warnings=tuple(decoded.warnings),
         signal_to_noise=float(signal_to_noise(image)),
+        input_statistics=input_statistics(decoded.pixels) if len(decoded.pixels) == 3 else None,
     )
 
 
@@ -542,23 +558,70 @@ def predict_chunk(
     return _predict_item(runtime, item, max(len(cutouts), 1))
 
 
+def _out_of_distribution(
+    cutouts: Sequence[PreparedCutout], raw: RawPredictions, models: ModelSet
+) -> list[OutOfDistribution | None]:
+    """The score and flag of each cutout; None where the models or the cutout lack what it needs."""
+    answers: list[OutOfDistribution | None] = [None] * len(cutouts)
+    if models.ood is None or raw.features is None:
+        return answers
+    rows, inputs = [], []
+    for i, cutout in enumerate(cutouts):
+        if cutout.input_statistics is not None:
+            rows.append(i)
+            inputs.append(cutout.input_statistics)
+    if not rows:
+        return answers
+    scores = models.ood.score(raw.features[rows], np.stack(inputs)).tolist()
+    threshold = models.ood_threshold
+    for i, score in zip(rows, scores, strict=True):
+        answers[i] = OutOfDistribution(score=score, flag=score > threshold)
+    return answers
+
+
+def _widened_for_novelty(
+    sample_means: NDArray[np.float32], ood: list[OutOfDistribution | None], threshold: float
+) -> NDArray[np.floating]:
+    """The MC pass means, spread by :func:`~service.contract.ood.novelty_factor` where flagged."""
+    scores = np.array([o.score if o is not None and o.flag else -np.inf for o in ood])
+    if not np.isfinite(scores).any():
+        return sample_means
+    return spread_pass_means(sample_means, novelty_factor(scores, threshold))
+
+
+def _ood_warnings(ood: OutOfDistribution | None, threshold: float) -> tuple[str, ...]:
+    """The warning of a flagged cutout; none otherwise."""
+    if ood is None or not ood.flag:
+        return ()
+    return (
+        f"out-of-distribution score {ood.score:.3g} is above {threshold:.3g}, the threshold "
+        "1% of in-distribution test cutouts exceed: this cutout is unlike the training data "
+        "(other units or zero point, bands out of order, another PSF or pixel scale, or "
+        "contents never simulated); treat its predictions with caution (the epistemic "
+        "part of theta_E's uncertainty is widened by score / threshold)",
+    )
+
+
 def _summarise(
     item: _BatchItem,
     raw: RawPredictions,
     models: ModelSet,
     explanations: list[Explanation] | None = None,
 ) -> list[CutoutOutcome]:
-    """Per-cutout predictions from one item's raw model outputs, with the item's occlusion
-    maps when it has them.
+    """Per-cutout predictions from one item's raw model outputs: the out-of-distribution
+    score, and the item's occlusion maps when it has them.
 
     With a per-regime table in the MC card, the distribution is the calibrated
     one (:func:`~service.contract.uncertainty.calibrate_by_regime`), placed by
     the point theta_E and the cutout's signal-to-noise; otherwise the mixture,
-    its quantiles read at the card's (recalibrated) mixture levels.
+    its quantiles read at the card's (recalibrated) mixture levels. Flagged
+    cutouts have their pass means spread first (the epistemic part widened).
     """
+    ood = _out_of_distribution(item.cutouts, raw, models)
+    means = _widened_for_novelty(raw.theta_E_samples, ood, models.ood_threshold)
     table = models.mc_regime_table
     summary = summarise_mc_samples(
-        raw.theta_E_samples,
+        means,
         raw.theta_E_log_variance_samples,
         None if table is not None else models.mc_mixture_levels,
     )
@@ -566,7 +629,7 @@ def _summarise(
     if table is None:
         if item.include_samples:
             samples = draw_predictive_samples(
-                raw.theta_E_samples, raw.theta_E_log_variance_samples, item.sample_rng()
+                means, raw.theta_E_log_variance_samples, item.sample_rng()
             )
     else:
         regime = {
@@ -617,9 +680,10 @@ def _summarise(
                 ),
                 ra_deg=cutout.ra_deg,
                 dec_deg=cutout.dec_deg,
-                warnings=cutout.warnings,
+                warnings=cutout.warnings + _ood_warnings(ood[row], models.ood_threshold),
                 explanation=None if explanations is None else explanations[row],
                 signal_to_noise=cutout.measured_signal_to_noise(),
+                out_of_distribution=ood[row],
             )
         )
     return outcomes

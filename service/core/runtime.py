@@ -44,6 +44,7 @@ from numpy.typing import NDArray
 
 from service.contract.cards import (
     CLASSIFIER_NAME,
+    FEATURES_OUTPUT,
     MC_NAME,
     MC_PARAMETERS_OUTPUT,
     NUM_SAMPLES_INPUT,
@@ -78,6 +79,8 @@ class RawPredictions:
     """Shape (n, T): theta_E mean of each MC-dropout pass (arcsec)."""
     theta_E_log_variance_samples: NDArray[np.float32]
     """Shape (n, T): aleatoric log-variance of each pass (log arcsec^2)."""
+    features: NDArray[np.float32] | None = None
+    """Shape (n, F): the classifier trunk's features, when its card lists them."""
 
     def __len__(self) -> int:
         return int(self.lens_probability.shape[0])
@@ -94,6 +97,7 @@ class RawPredictions:
             parameters=self.parameters[rows],
             theta_E_samples=self.theta_E_samples[rows, columns],
             theta_E_log_variance_samples=self.theta_E_log_variance_samples[rows, columns],
+            features=None if self.features is None else self.features[rows],
         )
 
 
@@ -430,8 +434,11 @@ class OnnxModelRuntime:
                 theta_E_log_variance_samples=np.zeros((0, num_samples), np.float32),
             )
         images = np.ascontiguousarray(images)
-        (probability,) = self._run(
-            self._sessions[CLASSIFIER_NAME], CLASSIFIER_NAME, {"image": images}
+        classifier_outputs = list(REQUIRED_OUTPUTS[CLASSIFIER_NAME])
+        if FEATURES_OUTPUT in self.models.classifier.output_names:
+            classifier_outputs.append(FEATURES_OUTPUT)
+        probability, *features = self._run(
+            self._sessions[CLASSIFIER_NAME], CLASSIFIER_NAME, {"image": images}, classifier_outputs
         )
         mc_session = self._sessions[MC_NAME] if seed is None else self._create_mc_session(seed=seed)
         mc_feeds = {"image": images, NUM_SAMPLES_INPUT: np.asarray(num_samples, dtype=np.int32)}
@@ -452,6 +459,7 @@ class OnnxModelRuntime:
             parameters=np.asarray(parameters, dtype=np.float32),
             theta_E_samples=np.asarray(means, dtype=np.float32),
             theta_E_log_variance_samples=np.asarray(log_variances, dtype=np.float32),
+            features=np.asarray(features[0], dtype=np.float32).reshape(n, -1) if features else None,
         )
         shapes = {
             "lens_probability": (result.lens_probability.shape, (n,)),

@@ -63,9 +63,9 @@ def _direct_session(name: str) -> ort.InferenceSession:
 
 @pytest.fixture
 def models_copy(tmp_path) -> Path:
-    """A private copy of models/ (cards and ONNX only) to break in various ways."""
+    """A private copy of models/ (cards, ONNX and OOD statistics) to break in various ways."""
     for path in MODELS_DIR.glob("*"):
-        if path.suffix in (".json", ".onnx"):
+        if path.suffix in (".json", ".onnx", ".npz"):
             shutil.copy(path, tmp_path / path.name)
     return tmp_path
 
@@ -226,10 +226,13 @@ def test_load_logs_one_line_naming_the_provider(caplog):
 
 def test_point_estimates_equal_onnxruntime_run_directly(runtime, images):
     raw = runtime.predict(images, num_samples=10)
-    (probability,) = _direct_session(CLASSIFIER_NAME).run(None, {"image": images})
+    probability, features = _direct_session(CLASSIFIER_NAME).run(
+        ["lens_probability", "features"], {"image": images}
+    )
     (parameters,) = _direct_session(REGRESSOR_NAME).run(None, {"image": images})
     # Same graph, same inputs; only thread scheduling may differ (float32 rounding).
     np.testing.assert_allclose(raw.lens_probability, probability[:, 0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(raw.features, features, rtol=0, atol=1e-4)
     np.testing.assert_allclose(raw.parameters, parameters, rtol=0, atol=1e-5)
     assert raw.theta_E_samples.shape == raw.theta_E_log_variance_samples.shape == (5, 10)
     assert np.all((raw.lens_probability >= 0) & (raw.lens_probability <= 1))

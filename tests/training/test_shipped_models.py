@@ -56,9 +56,14 @@ def test_card_names_its_files_and_hash(name):
 @pytest.mark.parametrize("name", ["lens_classifier", "einstein_radius"])
 def test_deterministic_models_match_keras(name, cubes):
     images = preprocess_batch(cubes)
-    expected = keras.saving.load_model(MODELS / f"{name}.keras").predict(images, verbose=0)
-    (got,) = _session(name).run(None, {"image": images})
+    model = keras.saving.load_model(MODELS / f"{name}.keras")
+    expected = model.predict(images, verbose=0)
+    got, *features = _session(name).run(None, {"image": images})
     np.testing.assert_allclose(got, expected, atol=1e-4)
+    if name == "lens_classifier":
+        # The second output is the trunk's feature vector (the out-of-distribution score's input).
+        trunk = model.get_layer("lens_classifier_trunk").predict(images, verbose=0)
+        np.testing.assert_allclose(features[0], trunk, atol=1e-3)
 
 
 def test_mc_graph_gives_the_regressor_point_estimates(cubes):
@@ -109,8 +114,9 @@ def test_mc_model_is_stochastic_and_matches_keras_in_distribution(cubes):
 def test_predictions_do_not_depend_on_the_flux_unit(cubes, factor):
     for name in ("lens_classifier", "einstein_radius"):
         session = _session(name)
-        (base,) = session.run(None, {"image": preprocess_batch(cubes)})
-        (scaled,) = session.run(None, {"image": preprocess_batch(cubes * factor)})
+        first = [session.get_outputs()[0].name]
+        (base,) = session.run(first, {"image": preprocess_batch(cubes)})
+        (scaled,) = session.run(first, {"image": preprocess_batch(cubes * factor)})
         np.testing.assert_allclose(scaled, base, atol=1e-4)
     mc_feeds = {"num_samples": np.array(3, np.int32)}
     (base,) = _session("einstein_radius_mc").run(
@@ -125,5 +131,7 @@ def test_predictions_do_not_depend_on_the_flux_unit(cubes, factor):
 def test_masked_pixels_are_tolerated(cubes):
     masked = cubes.copy()
     masked[:, :, 5:8, :] = np.nan
-    (probability,) = _session("lens_classifier").run(None, {"image": preprocess_batch(masked)})
+    (probability,) = _session("lens_classifier").run(
+        ["lens_probability"], {"image": preprocess_batch(masked)}
+    )
     assert np.all(np.isfinite(probability))

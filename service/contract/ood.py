@@ -1,0 +1,360 @@
+"""The out-of-distribution score: how unlike the training data a cutout is.
+
+Two terms, each a Mahalanobis distance to statistics fitted on simulated
+training cutouts (``python -m training ood``), each robustly standardised on
+that training data; the score is the larger of the two:
+
+* **image features**: the class-conditional Mahalanobis distance of the
+  classifier trunk's feature vector (its ONNX output ``features``) to the mean
+  feature vector of lenses and of non-lenses, with one shared covariance
+  (Lee et al. 2018, arXiv:1807.03888): the smaller of the two distances.
+* **input statistics**: a few numbers measured on the cutout before
+  preprocessing, which normalises away what they see (:func:`input_statistics`):
+  each band's noise level and background in flux units, the correlation of the
+  bands' pixel noise, the colours of the central light and the brightest pixel.
+  Wrong units, a wrong zero point, an offset, bands in the wrong order or one
+  band copied into all three show here even when the normalised image looks
+  ordinary to the network.
+
+Each squared distance ``d2`` becomes ``(log(d2) - median) / (1.4826 MAD)`` with
+the median and MAD of ``log(d2)`` on the fit data, so both terms are in units of
+the training data's own spread. The flag threshold comes from the model card.
+Pure numpy; no I/O beyond reading the statistics' bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.contract.preprocessing import _row_medians
+
+#: Identifier of the statistics and of the score's maths; bump it when either changes.
+OOD_METHOD_ID = "mahalanobis_features_inputs_v1"
+
+#: Names of :func:`input_statistics`' entries, in order.
+INPUT_STATISTIC_NAMES: tuple[str, ...] = (
+    "log10_noise_sigma_g",
+    "log10_noise_sigma_r",
+    "log10_noise_sigma_i",
+    "background_over_sigma_g",
+    "background_over_sigma_r",
+    "background_over_sigma_i",
+    "noise_correlation_gr",
+    "noise_correlation_ri",
+    "noise_correlation_gi",
+    "central_colour_gr",
+    "central_colour_ri",
+    "log10_peak_over_sigma",
+    "log10_peak_flux",
+    "noise_autocorrelation",
+    "peak_concentration",
+    "log10_peak_curvature",
+    "log10_peak_second_moment",
+)
+
+#: Width of the border (pixels) whose median is each band's background (as preprocessing).
+_BORDER_PIXELS = 4
+#: Half-width (pixels) of the central box whose flux gives the colours.
+_CENTRAL_HALF_WIDTH = 4
+#: Pixel differences beyond this many of their own sigma are left out of the noise
+#: correlation, so that sources and artefacts do not pass for correlated noise.
+_DIFFERENCE_CLIP_SIGMA = 4.0
+#: Pixels within this many sigma of the background in every band are sky.
+_SKY_SIGMA = 3.0
+#: Floor on every noise level (flux units), so that log10 stays finite on blank inputs.
+_SIGMA_FLOOR = 1e-30
+
+#: Arrays in the statistics file, with their meaning.
+STATISTICS_ARRAYS: dict[str, str] = {
+    "feature_means": "(n_classes, n_features) mean feature vector of each class",
+    "feature_precision": "(n_features, n_features) inverse of the shared (shrunk) covariance",
+    "input_mean": "(n_inputs,) mean of the input statistics",
+    "input_precision": "(n_inputs, n_inputs) inverse of their (shrunk) covariance",
+    "log_d2_median": "(2,) median of log(d2) on the fit data: features, inputs",
+    "log_d2_scale": "(2,) 1.4826 MAD of log(d2) on the fit data: features, inputs",
+}
+
+
+def _median(rows: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Median of each row leaving NaN out; the preprocessing's fast path when there is none."""
+    if np.isnan(rows).any():
+        return np.nanmedian(rows, axis=1)
+    return _row_medians(rows)
+
+
+def _band_sigmas(flat: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Robust (MAD) noise sigma of each row of a (bands, pixels) array (flux units)."""
+    return 1.4826 * _median(np.abs(flat - _median(flat)[:, None]))
+
+
+def _noise_correlations(data: NDArray[np.float64], sigma: NDArray[np.float64]) -> list[float]:
+    """Pearson correlations (g-r, r-i, g-i) of the bands' pixel noise on the sky.
+
+    The noise is the second difference along rows, ``x[j-1] - 2 x[j] + x[j+1]``,
+    which cancels smooth light and gradients; only pixels within 3 sigma of the
+    background in every band (the sky) and second differences within 4 times
+    their white-noise sigma (sqrt(6) sigma) count, so that sources and artefacts
+    do not pass for correlated noise. Independent noise in each band gives about
+    0; one band copied into another gives 1.
+    """
+    second = data[:, :, :-2] - 2.0 * data[:, :, 1:-1] + data[:, :, 2:]
+    with np.errstate(invalid="ignore"):  # NaN compares False: masked pixels drop out
+        sky = (np.abs(data[:, :, 1:-1]) <= _SKY_SIGMA * sigma[:, None, None]).all(axis=0)
+        good = sky & (
+            np.abs(second) <= _DIFFERENCE_CLIP_SIGMA * np.sqrt(6.0) * sigma[:, None, None]
+        )
+    correlations = []
+    for a, b in ((0, 1), (1, 2), (0, 2)):
+        keep = good[a] & good[b]
+        x, y = second[a][keep], second[b][keep]
+        if x.size < 3:
+            correlations.append(0.0)
+            continue
+        x, y = x - x.mean(), y - y.mean()
+        norm = float(np.sqrt(np.dot(x, x) * np.dot(y, y)))
+        correlations.append(float(np.dot(x, y) / norm) if norm > 0 else 0.0)
+    return correlations
+
+
+def _noise_autocorrelation(data: NDArray[np.float64], sigma: NDArray[np.float64]) -> float:
+    """Correlation of horizontally adjacent sky pixels, over all bands.
+
+    Independent pixel noise gives about 0; resampling (another pixel scale
+    interpolated onto this one) correlates neighbours.
+    """
+    scaled = data / sigma[:, None, None]
+    left, right = scaled[:, :, :-1], scaled[:, :, 1:]
+    with np.errstate(invalid="ignore"):
+        keep = (np.abs(left) <= _SKY_SIGMA) & (np.abs(right) <= _SKY_SIGMA)
+    x, y = left[keep], right[keep]
+    if x.size < 3:
+        return 0.0
+    x, y = x - x.mean(), y - y.mean()
+    norm = float(np.sqrt(np.dot(x, x) * np.dot(y, y)))
+    return float(np.dot(x, y) / norm) if norm > 0 else 0.0
+
+
+def _peak_concentration(data: NDArray[np.float64]) -> float:
+    """Flux of the 3x3 pixels around the brightest pixel of the band sum over its 7x7's.
+
+    About the fraction of a point source's light within one pixel of its peak:
+    it measures the PSF in pixels (and so the pixel scale) on the brightest
+    object; a saturated plateau flattens it.
+    """
+    total = np.nan_to_num(data.sum(axis=0))
+    y, x = np.unravel_index(int(np.argmax(total)), total.shape)
+    padded = np.pad(total, 3)
+    box = padded[y : y + 7, x : x + 7]
+    outer = float(box.sum())
+    return float(box[2:5, 2:5].sum() / outer) if outer > 0 else 0.0
+
+
+def _peak_shape(data: NDArray[np.float64]) -> tuple[float, float]:
+    """How sharp the brightest object of the band sum is, in pixels: the PSF and pixel scale.
+
+    At the brightest pixel at least 3 pixels from the edge: log10 of the
+    discrete Laplacian over the peak (2/sigma^2 for a Gaussian of sigma pixels),
+    and log10 of the light-weighted mean squared radius (pixels^2) in its 7x7 box.
+    """
+    total = np.nan_to_num(data).sum(axis=0)
+    inner = total[3:-3, 3:-3]
+    y, x = np.unravel_index(int(np.argmax(inner)), inner.shape)
+    y, x = y + 3, x + 3
+    peak = float(total[y, x])
+    if not peak > 0:
+        return -3.0, -3.0
+    neighbours = total[y - 1, x] + total[y + 1, x] + total[y, x - 1] + total[y, x + 1]
+    curvature = (4.0 * peak - float(neighbours)) / peak
+    box = np.clip(total[y - 3 : y + 4, x - 3 : x + 4], 0.0, None)
+    offsets = np.arange(-3, 4)
+    radius2 = offsets[:, None] ** 2 + offsets[None, :] ** 2
+    moment = float((box * radius2).sum() / max(float(box.sum()), 1e-30))
+    return float(np.log10(max(curvature, 1e-3))), float(np.log10(max(moment, 1e-3)))
+
+
+def input_statistics(cube: NDArray[np.floating]) -> NDArray[np.float64]:
+    """The cheap input statistics of one cutout, before preprocessing.
+
+    Parameters
+    ----------
+    cube : ndarray, shape (3, ny, nx)
+        The decoded cutout in the file's flux unit (the training data's is AB zero
+        point 30), bands in the models' order (g, r, i); masked pixels NaN.
+
+    Returns
+    -------
+    ndarray, shape (17,)
+        In the order of ``INPUT_STATISTIC_NAMES``: log10 of each band's noise
+        sigma (flux units); each band's border median over its sigma; the
+        correlation of the noise of g-r, r-i and g-i; the asinh colours g-r and
+        r-i of the central 9x9 pixels' flux (softened at the box's noise);
+        log10 of the brightest pixel over its band's sigma, and of its flux;
+        the correlation of adjacent sky pixels; the share of the light within
+        one pixel of the brightest pixel (3x3 over 7x7 of the band sum); the
+        curvature and second moment of the brightest object (:func:`_peak_shape`).
+    """
+    data = np.asarray(cube, dtype=np.float64)
+    if data.ndim != 3 or data.shape[0] != 3:
+        raise ValueError(f"expected a (3, ny, nx) cube, got shape {data.shape}")
+    with warnings.catch_warnings():
+        # A band (or its border) may be all masked: its NaN statistics become 0 below.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _input_statistics(np.where(np.isfinite(data), data, np.nan))
+
+
+def _input_statistics(data: NDArray[np.float64]) -> NDArray[np.float64]:
+    """:func:`input_statistics` of a float64 cube whose masked pixels are NaN."""
+    inner = np.ones(data.shape[1:], dtype=bool)
+    inner[_BORDER_PIXELS:-_BORDER_PIXELS, _BORDER_PIXELS:-_BORDER_PIXELS] = False
+    background = np.nan_to_num(_median(data[:, inner]))
+    data = data - background[:, None, None]
+    sigma = np.maximum(np.nan_to_num(_band_sigmas(data.reshape(len(data), -1))), _SIGMA_FLOOR)
+    cy, cx = data.shape[1] // 2, data.shape[2] // 2
+    h = _CENTRAL_HALF_WIDTH
+    central = np.nansum(data[:, cy - h : cy + h + 1, cx - h : cx + h + 1], axis=(1, 2))
+    softening = (2 * h + 1) * float(np.median(sigma))
+    asinh_mag = np.arcsinh(central / softening)
+    flat = data.reshape(len(data), -1)
+    peak = np.nan_to_num(np.nanmax(flat, axis=1) if np.isnan(flat).any() else flat.max(axis=1))
+    brightest = int(np.argmax(peak / sigma))
+    return np.array(
+        [
+            *np.log10(sigma),
+            *(background / sigma),
+            *_noise_correlations(data, sigma),
+            asinh_mag[0] - asinh_mag[1],
+            asinh_mag[1] - asinh_mag[2],
+            np.log10(max(peak[brightest] / sigma[brightest], 1.0)),
+            np.log10(max(peak[brightest], sigma[brightest])),
+            _noise_autocorrelation(data, sigma),
+            _peak_concentration(data),
+            *_peak_shape(data),
+        ]
+    )
+
+
+def _squared_distances(
+    x: NDArray[np.float64], means: NDArray[np.float64], precision: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """(n, n_means) squared Mahalanobis distances of the rows of ``x`` to each mean."""
+    diff = x[:, None, :] - means[None, :, :]
+    return np.einsum("nkd,de,nke->nk", diff, precision, diff)
+
+
+@dataclass(frozen=True)
+class OodStatistics:
+    """Fitted statistics of the score (the arrays of :data:`STATISTICS_ARRAYS`)."""
+
+    feature_means: NDArray[np.float64]
+    feature_precision: NDArray[np.float64]
+    input_mean: NDArray[np.float64]
+    input_precision: NDArray[np.float64]
+    log_d2_median: NDArray[np.float64]
+    log_d2_scale: NDArray[np.float64]
+
+    @property
+    def n_features(self) -> int:
+        """Length of the classifier's feature vector."""
+        return int(self.feature_means.shape[1])
+
+    def squared_distances(
+        self, features: NDArray[np.floating], inputs: NDArray[np.floating]
+    ) -> NDArray[np.float64]:
+        """(n, 2) squared Mahalanobis distances: to the nearest class (features), inputs."""
+        features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+        inputs = np.asarray(inputs, dtype=np.float64).reshape(len(inputs), -1)
+        d2_features = _squared_distances(features, self.feature_means, self.feature_precision)
+        d2_inputs = _squared_distances(inputs, self.input_mean[None, :], self.input_precision)
+        return np.stack([d2_features.min(axis=1), d2_inputs[:, 0]], axis=1)
+
+    def terms(
+        self, features: NDArray[np.floating], inputs: NDArray[np.floating]
+    ) -> NDArray[np.float64]:
+        """(n, 2) standardised terms (features, inputs); non-finite values become +inf."""
+        d2 = self.squared_distances(features, inputs)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = (np.log(np.maximum(d2, 1e-12)) - self.log_d2_median) / self.log_d2_scale
+        return np.where(np.isfinite(terms), terms, np.inf)
+
+    def score(
+        self, features: NDArray[np.floating], inputs: NDArray[np.floating]
+    ) -> NDArray[np.float64]:
+        """(n,) score: the larger standardised term; higher means less like the training data.
+
+        Parameters
+        ----------
+        features : ndarray, shape (n, n_features)
+            The classifier's ``features`` output.
+        inputs : ndarray, shape (n, 13)
+            :func:`input_statistics` of each cutout.
+        """
+        return self.terms(features, inputs).max(axis=1)
+
+    def to_bytes(self) -> bytes:
+        """The statistics as an ``.npz`` file's bytes (float32, as shipped in ``models/``)."""
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            **{
+                name: np.asarray(getattr(self, name), dtype=np.float32)
+                for name in STATISTICS_ARRAYS
+            },
+        )
+        return buffer.getvalue()
+
+
+def novelty_factor(scores: NDArray[np.floating], threshold: float) -> NDArray[np.float64]:
+    """Factor on the epistemic spread of theta_E: 1 up to the threshold, score/threshold above.
+
+    The MC-dropout spread comes from the last layers only and hardly grows on
+    inputs unlike the training data (docs/ood.md); a flagged cutout's pass means
+    are spread about their mean by this factor, so its epistemic std grows with
+    its distance beyond the threshold. Cutouts under the threshold (99% of
+    in-distribution ones) keep their distribution unchanged.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if not threshold > 0:
+        return np.ones_like(scores)
+    return np.where(np.isfinite(scores), np.maximum(1.0, scores / threshold), 1.0)
+
+
+def spread_pass_means(
+    sample_means: NDArray[np.floating], factor: NDArray[np.floating]
+) -> NDArray[np.float64]:
+    """(n, T) pass means spread about each row's mean by ``factor``: epistemic std x factor."""
+    means = np.asarray(sample_means, dtype=np.float64)
+    centre = means.mean(axis=1, keepdims=True)
+    return centre + np.asarray(factor, dtype=np.float64)[:, None] * (means - centre)
+
+
+def read_ood_statistics(data: bytes) -> OodStatistics:
+    """Parse the bytes of a statistics file written by :meth:`OodStatistics.to_bytes`.
+
+    Raises
+    ------
+    ValueError
+        The bytes are not such a file, or the arrays' shapes do not fit together.
+    """
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {name: np.asarray(npz[name], dtype=np.float64) for name in STATISTICS_ARRAYS}
+    except (OSError, KeyError, ValueError) as exc:
+        raise ValueError(f"not an out-of-distribution statistics file: {exc}") from exc
+    stats = OodStatistics(**arrays)
+    n_features, n_inputs = stats.n_features, len(INPUT_STATISTIC_NAMES)
+    shapes = {
+        "feature_precision": (n_features, n_features),
+        "input_mean": (n_inputs,),
+        "input_precision": (n_inputs, n_inputs),
+        "log_d2_median": (2,),
+        "log_d2_scale": (2,),
+    }
+    for name, shape in shapes.items():
+        if arrays[name].shape != shape:
+            raise ValueError(f"{name} has shape {arrays[name].shape}; expected {shape}")
+    return stats

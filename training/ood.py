@@ -1,0 +1,391 @@
+"""Fit the out-of-distribution score's statistics, set its threshold, and measure it.
+
+``python -m training ood`` runs the exported classifier (ONNX, with its
+``features`` output) on simulated training cutouts, fits the statistics of
+:mod:`service.contract.ood` (class means and a shared covariance of the
+features; mean and covariance of the input statistics), then sets the threshold
+so that a chosen share (1%) of an in-distribution test set is flagged. It
+writes ``models/lens_classifier_ood.npz`` and the classifier card's
+``out_of_distribution`` entry (file, sha256, threshold).
+
+``python -m training ood-evaluate`` scores an in-distribution set and the
+out-of-distribution sets of :mod:`training.ood_sets`: AUROC of each kind with
+bootstrap intervals, the flagged shares, and the median epistemic std of
+theta_E (the service's ``einstein_radius.epistemic_std``) on each.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from service.contract.cards import (
+    CLASSIFIER_NAME,
+    FEATURES_OUTPUT,
+    MC_NAME,
+    NUM_SAMPLES_INPUT,
+    OutOfDistributionSpec,
+    read_model_card,
+)
+from service.contract.ood import (
+    INPUT_STATISTIC_NAMES,
+    OOD_METHOD_ID,
+    OodStatistics,
+    input_statistics,
+    novelty_factor,
+    read_ood_statistics,
+    spread_pass_means,
+)
+from service.contract.preprocessing import preprocess_batch
+from service.contract.uncertainty import QUANTILE_LEVELS, summarise_mc_samples
+from training.dataset import load_dataset
+from training.metrics import auroc, bootstrap_interval
+
+#: File of the statistics, next to the classifier's card.
+STATISTICS_FILE = "lens_classifier_ood.npz"
+#: Share (0-1) of the in-distribution threshold set the threshold flags.
+FLAGGED_FRACTION = 0.01
+#: Shrinkage of each covariance towards its diagonal (fraction), so that the
+#: 256x256 feature covariance of a few thousand cutouts inverts stably.
+FEATURE_SHRINKAGE = 0.05
+INPUT_SHRINKAGE = 0.01
+#: Cutouts per onnxruntime call.
+_BATCH = 256
+#: MC-dropout passes per cutout when measuring the epistemic std (the service's default).
+_MC_SAMPLES = 100
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What the models say about a set of cutouts, for the score and its evaluation."""
+
+    features: NDArray[np.float32]
+    inputs: NDArray[np.float64]
+    is_lens: NDArray[np.bool_]
+    theta_E: NDArray[np.float64]
+    """True theta_E (arcsec; NaN for non-lenses)."""
+    mc_means: NDArray[np.float32] | None
+    """(n, T) theta_E of each MC-dropout pass (arcsec), when asked for."""
+    mc_log_variances: NDArray[np.float32] | None
+
+    @property
+    def epistemic_std(self) -> NDArray[np.float64]:
+        """The service's ``einstein_radius.epistemic_std`` of each cutout (arcsec)."""
+        if self.mc_means is None:
+            raise ValueError("scored without the MC model")
+        return self.mc_means.astype(np.float64).std(axis=1)
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def score_inputs(
+    models_dir: Path, images: NDArray[np.floating], *, epistemic: bool = False
+) -> tuple[NDArray[np.float32], NDArray[np.float64], tuple[NDArray, NDArray] | None]:
+    """Features, input statistics and (optionally) the MC passes of raw cutouts.
+
+    Parameters
+    ----------
+    models_dir : Path
+        Folder with the classifier (with ``features``) and, for ``epistemic``, the MC model.
+    images : ndarray, shape (n, 3, 64, 64)
+        Cutouts as the service decodes them (flux units; masked pixels NaN).
+    epistemic : bool
+        Also run the MC model (100 passes): theta_E and log-variance of each pass.
+    """
+    classifier_card = read_model_card(models_dir / f"{CLASSIFIER_NAME}.json")
+    if FEATURES_OUTPUT not in classifier_card.output_names:
+        raise ValueError(
+            f"{models_dir / classifier_card.onnx_file} has no {FEATURES_OUTPUT!r} output; "
+            "re-export the classifier (python -m training export, or reexport_classifier)"
+        )
+    classifier = _session(models_dir / classifier_card.onnx_file)
+    mc = None
+    if epistemic:
+        mc = _session(models_dir / read_model_card(models_dir / f"{MC_NAME}.json").onnx_file)
+    features, inputs, mc_means, mc_log_variances = [], [], [], []
+    for start in range(0, len(images), _BATCH):
+        cubes = np.asarray(images[start : start + _BATCH])
+        batch = preprocess_batch(cubes)
+        features.append(classifier.run([FEATURES_OUTPUT], {"image": batch})[0])
+        inputs.extend(input_statistics(cube) for cube in cubes)
+        if mc is not None:
+            means, log_variances = mc.run(
+                ["theta_E_samples", "theta_E_log_variance_samples"],
+                {"image": batch, NUM_SAMPLES_INPUT: np.asarray(_MC_SAMPLES, dtype=np.int32)},
+            )
+            mc_means.append(means)
+            mc_log_variances.append(log_variances)
+    return (
+        np.concatenate(features).astype(np.float32),
+        np.stack(inputs),
+        (np.concatenate(mc_means), np.concatenate(mc_log_variances)) if mc is not None else None,
+    )
+
+
+def score_dataset(models_dir: Path, data_dir: Path, *, epistemic: bool = False) -> Scored:
+    """:func:`score_inputs` on a data folder of NPZ shards and ``labels.csv``."""
+    dataset = load_dataset(data_dir)
+    features, inputs, mc = score_inputs(models_dir, dataset.images, epistemic=epistemic)
+    is_lens = dataset.labels["is_lens"].astype(float) > 0.5
+    theta_E = np.where(is_lens, dataset.labels["theta_E"].astype(float), np.nan)
+    means, log_variances = mc if mc is not None else (None, None)
+    return Scored(features, inputs, is_lens, theta_E, means, log_variances)
+
+
+def _shrunk_precision(centred: NDArray[np.float64], shrinkage: float) -> NDArray[np.float64]:
+    """Inverse of the covariance of ``centred`` rows, shrunk towards its diagonal.
+
+    The diagonal target keeps each variable's own variance: a scalar one would
+    drown the small variances (the noise correlations) in the large ones.
+    """
+    covariance = centred.T @ centred / max(len(centred) - 1, 1)
+    target = np.diag(np.diag(covariance))
+    return np.linalg.pinv((1 - shrinkage) * covariance + shrinkage * target, hermitian=True)
+
+
+def fit_statistics(
+    features: NDArray[np.floating], inputs: NDArray[np.floating], is_lens: NDArray[np.bool_]
+) -> OodStatistics:
+    """Class means and shared covariance of the features; Gaussian of the inputs.
+
+    The terms' standardisation (median and MAD of log d2) is taken on the fit
+    data itself; the threshold, set on other data, absorbs the optimism.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    inputs = np.asarray(inputs, dtype=np.float64)
+    classes = [is_lens, ~is_lens]
+    means = np.stack([features[c].mean(axis=0) for c in classes])
+    centred = np.concatenate([features[c] - means[k] for k, c in enumerate(classes)])
+    input_mean = inputs.mean(axis=0)
+    stats = OodStatistics(
+        feature_means=means,
+        feature_precision=_shrunk_precision(centred, FEATURE_SHRINKAGE),
+        input_mean=input_mean,
+        input_precision=_shrunk_precision(inputs - input_mean, INPUT_SHRINKAGE),
+        log_d2_median=np.zeros(2),
+        log_d2_scale=np.ones(2),
+    )
+    log_d2 = np.log(np.maximum(stats.squared_distances(features, inputs), 1e-12))
+    median = np.median(log_d2, axis=0)
+    scale = 1.4826 * np.median(np.abs(log_d2 - median), axis=0)
+    # Stored as float32 in models/: round-trip now so that fit and service agree exactly.
+    return read_ood_statistics(
+        OodStatistics(
+            feature_means=stats.feature_means,
+            feature_precision=stats.feature_precision,
+            input_mean=stats.input_mean,
+            input_precision=stats.input_precision,
+            log_d2_median=median,
+            log_d2_scale=scale,
+        ).to_bytes()
+    )
+
+
+def fit_ood(
+    models_dir: Path,
+    fit_dirs: list[Path],
+    threshold_dirs: list[Path],
+    *,
+    flagged_fraction: float = FLAGGED_FRACTION,
+) -> dict:
+    """Fit the statistics on ``fit_dirs``, set the threshold on ``threshold_dirs``, write both.
+
+    Returns the classifier card's new ``out_of_distribution`` entry.
+    """
+    fits = [score_dataset(models_dir, d) for d in fit_dirs]
+    stats = fit_statistics(
+        np.concatenate([s.features for s in fits]),
+        np.concatenate([s.inputs for s in fits]),
+        np.concatenate([s.is_lens for s in fits]),
+    )
+    held_out = [score_dataset(models_dir, d) for d in threshold_dirs]
+    scores = stats.score(
+        np.concatenate([s.features for s in held_out]), np.concatenate([s.inputs for s in held_out])
+    )
+    threshold = float(np.quantile(scores, 1.0 - flagged_fraction))
+    data = stats.to_bytes()
+    (models_dir / STATISTICS_FILE).write_bytes(data)
+    entry = {
+        "method": OOD_METHOD_ID,
+        "statistics_file": STATISTICS_FILE,
+        "statistics_sha256": hashlib.sha256(data).hexdigest(),
+        "threshold": threshold,
+        "flagged_fraction": float(np.mean(scores > threshold)),
+        "target_flagged_fraction": flagged_fraction,
+        "input_statistics": list(INPUT_STATISTIC_NAMES),
+        "fit_data": _describe(fit_dirs, fits),
+        "threshold_data": _describe(threshold_dirs, held_out),
+        "fitted": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    OutOfDistributionSpec.model_validate(entry)
+    card_path = models_dir / f"{CLASSIFIER_NAME}.json"
+    card = json.loads(card_path.read_text())
+    card["out_of_distribution"] = entry
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    read_model_card(card_path)
+    return entry
+
+
+def _describe(dirs: list[Path], scored: list[Scored]) -> list[dict]:
+    """Name, size and seed of each data folder, for the card."""
+    described = []
+    for data_dir, s in zip(dirs, scored, strict=True):
+        config_file = data_dir / "simulation.json"
+        seed = json.loads(config_file.read_text()).get("seed") if config_file.exists() else None
+        described.append({"name": data_dir.name, "n_cutouts": len(s.features), "seed": seed})
+    return described
+
+
+def load_statistics(models_dir: Path) -> tuple[OodStatistics, float]:
+    """The shipped statistics and threshold of ``models_dir``'s classifier card."""
+    card = read_model_card(models_dir / f"{CLASSIFIER_NAME}.json")
+    spec = card.out_of_distribution
+    if spec is None:
+        raise ValueError(f"{models_dir}: the classifier card has no out_of_distribution entry")
+    return read_ood_statistics((models_dir / spec.statistics_file).read_bytes()), spec.threshold
+
+
+def inflated_summary(
+    scored: Scored, factor: NDArray[np.floating], mixture_levels: tuple[float, ...]
+):
+    """The MC mixture's summary with each cutout's pass means spread by ``factor`` about their mean.
+
+    Spreading the pass means multiplies the epistemic std by ``factor`` and leaves
+    the aleatoric part and the mean unchanged.
+    """
+    spread = spread_pass_means(scored.mc_means, factor)
+    return summarise_mc_samples(spread, scored.mc_log_variances, mixture_levels)
+
+
+def _coverage_68(
+    scored: Scored, factor: NDArray[np.floating], mixture_levels: tuple[float, ...]
+) -> float:
+    """Share of lenses whose true theta_E lies in the served 0.16-0.84 quantiles."""
+    lens = scored.is_lens
+    quantiles = inflated_summary(scored, factor, mixture_levels).quantiles[lens]
+    low, high = QUANTILE_LEVELS.index(0.16), QUANTILE_LEVELS.index(0.84)
+    truth = scored.theta_E[lens]
+    return float(np.mean((truth >= quantiles[:, low]) & (truth <= quantiles[:, high])))
+
+
+def evaluate_ood(
+    models_dir: Path, in_dir: Path, ood_dirs: list[Path], *, n_boot: int = 1000, seed: int = 0
+) -> dict:
+    """AUROC (with 95% bootstrap intervals), flagged shares and epistemic std of each kind.
+
+    Parameters
+    ----------
+    models_dir : Path
+        Models with the fitted statistics.
+    in_dir : Path
+        In-distribution test cutouts (never the fit data).
+    ood_dirs : list of Path
+        Out-of-distribution sets (:mod:`training.ood_sets`), one folder per kind.
+    n_boot : int
+        Bootstrap resamples of each pair of sets (count).
+    seed : int
+        Seed of the bootstrap resampling.
+    """
+    stats, threshold = load_statistics(models_dir)
+    calibration = read_model_card(models_dir / f"{MC_NAME}.json").interval_calibration
+    levels = QUANTILE_LEVELS if calibration is None else calibration.mixture_levels
+    rng = np.random.default_rng(seed)
+    reference = score_dataset(models_dir, in_dir, epistemic=True)
+    ref_terms = stats.terms(reference.features, reference.inputs)
+    ref_scores = ref_terms.max(axis=1)
+    ref_flagged = ref_scores > threshold
+    ref_epistemic = float(np.median(reference.epistemic_std))
+    ref_factor = novelty_factor(ref_scores, threshold)
+    ref_inflated = float(np.median(reference.epistemic_std * ref_factor))
+    flagged_interval = bootstrap_interval(
+        lambda idx: float(np.mean(ref_flagged[idx[0]])), [len(ref_flagged)], rng, n_boot=n_boot
+    )
+    result = {
+        "models": str(models_dir),
+        "threshold": threshold,
+        "in_distribution": {
+            "data": in_dir.name,
+            "n": len(ref_scores),
+            "flagged_fraction": float(np.mean(ref_flagged)),
+            "flagged_fraction_95": flagged_interval,
+            "median_epistemic_std_arcsec": ref_epistemic,
+            "median_epistemic_std_inflated_arcsec": ref_inflated,
+            "coverage_68_lenses": _coverage_68(reference, np.ones(len(ref_scores)), levels),
+            "coverage_68_lenses_inflated": _coverage_68(reference, ref_factor, levels),
+            "median_terms": np.median(ref_terms, axis=0).tolist(),
+        },
+        "kinds": {},
+    }
+    for ood_dir in ood_dirs:
+        scored = score_dataset(models_dir, ood_dir, epistemic=True)
+        terms = stats.terms(scored.features, scored.inputs)
+        scores = terms.max(axis=1)
+        labels = np.r_[np.zeros(len(ref_scores)), np.ones(len(scores))]
+        both = np.r_[ref_scores, scores]
+        n_ref = len(ref_scores)
+
+        def statistic(idx, both=both, labels=labels, n_ref=n_ref):
+            rows = np.r_[idx[0], n_ref + idx[1]]
+            return auroc(labels[rows], both[rows])
+
+        terms_auroc = [
+            auroc(labels, np.r_[ref_terms[:, k], terms[:, k]]) for k in range(terms.shape[1])
+        ]
+        median_epistemic = float(np.median(scored.epistemic_std))
+        inflated = float(np.median(scored.epistemic_std * novelty_factor(scores, threshold)))
+        result["kinds"][ood_dir.name] = {
+            "n": len(scores),
+            "auroc": auroc(labels, both),
+            "auroc_95": bootstrap_interval(statistic, [n_ref, len(scores)], rng, n_boot=n_boot),
+            "auroc_features_term": terms_auroc[0],
+            "auroc_inputs_term": terms_auroc[1],
+            "flagged_fraction": float(np.mean(scores > threshold)),
+            "median_epistemic_std_arcsec": median_epistemic,
+            "epistemic_ratio": median_epistemic / ref_epistemic,
+            "median_epistemic_std_inflated_arcsec": inflated,
+            "epistemic_ratio_inflated": inflated / ref_inflated,
+            "auroc_epistemic_std": auroc(
+                labels, np.r_[reference.epistemic_std, scored.epistemic_std]
+            ),
+        }
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The evaluation as a Markdown table (the one in docs/ood.md)."""
+    ref = result["in_distribution"]
+    low, high = ref["flagged_fraction_95"]
+    lines = [
+        f"In-distribution ({ref['data']}, n = {ref['n']}): flagged {ref['flagged_fraction']:.2%} "
+        f"(95%: {low:.2%}-{high:.2%}); median epistemic std "
+        f"{ref['median_epistemic_std_arcsec']:.4f} arcsec "
+        f"({ref['median_epistemic_std_inflated_arcsec']:.4f} inflated); "
+        f"68% coverage of lenses {ref['coverage_68_lenses']:.3f} "
+        f"({ref['coverage_68_lenses_inflated']:.3f} inflated).",
+        "",
+        "| kind | n | AUROC (95% bootstrap) | AUROC features / inputs term | flagged "
+        "| median epistemic std (arcsec) | ratio to in-distribution | AUROC of epistemic std "
+        "| ratio, inflated |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, row in result["kinds"].items():
+        a_low, a_high = row["auroc_95"]
+        lines.append(
+            f"| {kind} | {row['n']} | {row['auroc']:.3f} ({a_low:.3f}-{a_high:.3f}) | "
+            f"{row['auroc_features_term']:.3f} / {row['auroc_inputs_term']:.3f} | "
+            f"{row['flagged_fraction']:.1%} | {row['median_epistemic_std_arcsec']:.4f} | "
+            f"{row['epistemic_ratio']:.2f} | {row['auroc_epistemic_std']:.3f} | "
+            f"{row['epistemic_ratio_inflated']:.2f} |"
+        )
+    return "\n".join(lines)
