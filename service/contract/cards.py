@@ -155,6 +155,7 @@ class RegimeCalibration(BaseModel):
             residual_quantiles=np.asarray(self.residual_quantiles, dtype=np.float64),
         )
 
+
 class OutOfDistributionSpec(BaseModel):
     """The classifier card's out-of-distribution score (:mod:`service.contract.ood`)."""
 

@@ -78,6 +78,7 @@ class PreparedCutout:
         if self.signal_to_noise is not None:
             return self.signal_to_noise
         return float(signal_to_noise(self.image))
+
     input_statistics: NDArray[np.float64] | None = None
     """:func:`service.contract.ood.input_statistics` of the decoded cutout, before preprocessing."""
 
