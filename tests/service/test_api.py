@@ -661,8 +661,9 @@ def test_worker_processes_decode_only_what_the_plain_reader_leaves(monkeypatch, 
 def _models_with_regime_table(folder: Path, table: dict[str, Any] | None) -> Path:
     """The shipped models in ``folder``, the MC card's per-regime table replaced (or removed)."""
     folder.mkdir()
+    for data_file in [*MODELS_DIR.glob("*.onnx"), *MODELS_DIR.glob("*.npz")]:
+        (folder / data_file.name).symlink_to(data_file)
     for name in ("lens_classifier", "einstein_radius", "einstein_radius_mc"):
-        (folder / f"{name}.onnx").symlink_to(MODELS_DIR / f"{name}.onnx")
         card = json.loads((MODELS_DIR / f"{name}.json").read_text())
         if name == "einstein_radius_mc":
             card.pop("regime_calibration", None)
