@@ -218,7 +218,7 @@ def predict_set(
         shard_lenses = labels.is_lens[start:stop]
         for first in range(0, len(cubes), _BATCH):
             images = preprocess_batch(cubes[first : first + _BATCH])
-            (p,) = classifier.run(None, {"image": images})
+            (p,) = classifier.run(["lens_probability"], {"image": images})
             probabilities.append(np.asarray(p, dtype=np.float64).reshape(-1))
             lens_images = images[shard_lenses[first : first + _BATCH]]
             if not len(lens_images):
