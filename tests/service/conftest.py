@@ -84,6 +84,9 @@ def launch_server(tmp_path_factory) -> Iterator[Callable[..., ServerProcess]]:
             **{k: v for k, v in os.environ.items() if not k.startswith("LENSSERVE_")},
             "LENSSERVE_DEVICE": "cpu",
             "LENSSERVE_LOG_LEVEL": "info",
+            # Admission refuses work past 2 s of expected wait; a test machine that is busy
+            # elsewhere would then get 503s in tests that are not about admission (those set it).
+            "LENSSERVE_MAX_QUEUE_WAIT_S": "60",
             **env,
         }
         with log_path.open("wb") as log:
