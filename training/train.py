@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -164,10 +165,43 @@ def fit_classifier(
     ema_momentum: float | None = None,
 ) -> keras.callbacks.History:
     """Fit a classifier (new or resumed) on augmented cutouts; the schedule of ``_optimizer``."""
+    return _fit_augmented(
+        model,
+        train,
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auroc")],
+        targets=train.is_lens[:, None],
+        validation=(valid.images, valid.is_lens[:, None]),
+        config=config,
+        epochs=epochs,
+        peak_learning_rate=peak_learning_rate,
+        seed=seed,
+        ema_momentum=ema_momentum,
+    )
+
+
+def _fit_augmented(
+    model: keras.Model,
+    train: Split,
+    *,
+    loss: str | Callable,
+    metrics: list[keras.metrics.Metric],
+    targets: NDArray | None,
+    validation: tuple[NDArray, NDArray],
+    config: TrainingConfig,
+    epochs: int,
+    peak_learning_rate: float,
+    seed: int,
+    ema_momentum: float | None,
+) -> keras.callbacks.History:
+    """Compile and fit ``model`` on augmented batches of ``train`` (``_optimizer``'s schedule).
+
+    ``targets`` None: the symmetry-transformed parameters are the targets (the regressor).
+    """
     batches = AugmentedBatches(
         train.images,
         train.parameters,
-        train.is_lens[:, None],
+        targets,
         batch_size=config.batch_size,
         seed=seed,
         workers=config.loader_workers,
@@ -180,15 +214,10 @@ def fit_classifier(
             warmup_epochs=config.warmup_epochs,
             ema_momentum=ema_momentum,
         ),
-        loss="binary_crossentropy",
-        metrics=[keras.metrics.AUC(name="auroc")],
+        loss=loss,
+        metrics=metrics,
     )
-    return model.fit(
-        batches,
-        epochs=epochs,
-        verbose=2,
-        validation_data=(valid.images, valid.is_lens[:, None]),
-    )
+    return model.fit(batches, epochs=epochs, verbose=2, validation_data=validation)
 
 
 def train_regressor(
@@ -219,29 +248,18 @@ def fit_regressor(
     ema_momentum: float | None = None,
 ) -> keras.callbacks.History:
     """Fit a regressor (new or resumed) on augmented lenses; the schedule of ``_optimizer``."""
-    batches = AugmentedBatches(
-        train.images,
-        train.parameters,
-        None,
-        batch_size=config.batch_size,
-        seed=seed,
-        workers=config.loader_workers,
-    )
-    model.compile(
-        optimizer=_optimizer(
-            peak_learning_rate,
-            steps_per_epoch=len(batches),
-            epochs=epochs,
-            warmup_epochs=config.warmup_epochs,
-            ema_momentum=ema_momentum,
-        ),
+    return _fit_augmented(
+        model,
+        train,
         loss=scaled_mse,
-    )
-    return model.fit(
-        batches,
+        metrics=[],
+        targets=None,
+        validation=(valid.images, valid.parameters),
+        config=config,
         epochs=epochs,
-        verbose=2,
-        validation_data=(valid.images, valid.parameters),
+        peak_learning_rate=peak_learning_rate,
+        seed=seed,
+        ema_momentum=ema_momentum,
     )
 
 
