@@ -18,9 +18,12 @@ Admission in units of work
 A POST request is admitted while the *expected wait* of the work already
 admitted stays under ``max_queue_wait_s``: the cutouts of every admitted
 request not yet answered (its body arriving, being decoded, queued or in a
-running batch) times the measured service time per cutout (the batcher's
-size-weighted moving average of run time per cutout, divided by the model
-instances: :attr:`service.core.inference.InferenceEngine.seconds_per_cutout`).
+running batch) times the measured service time per cutout. That time is the
+whole pipeline's: busy wall time over cutouts answered, in windows of 0.5 s of
+busy time (:class:`service.core.service_time.BusyTimeMeter`), because reading,
+decoding, preparing and answering share the cores with inference. Until the
+first window closes it is the batcher's run time per cutout divided by the
+model instances (:attr:`service.core.inference.InferenceEngine.seconds_per_cutout`).
 Otherwise it is refused with 503 ``overloaded`` and a ``Retry-After`` of that
 wait, rounded up, at least 1 s (at most :data:`MAX_RETRY_AFTER_S`). Before the
 first batch has been measured the wait counts as 0, and an empty server always
@@ -68,6 +71,7 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from service.core.service_time import BusyTimeMeter
 from service.errors import LensServeError, OverloadedError, RequestTimeoutError, UnauthorizedError
 
 Scope = MutableMapping[str, Any]
@@ -214,7 +218,7 @@ class Refusal:
 class AdmissionTicket:
     """What one admitted request holds in the :class:`Admission` until it is released."""
 
-    __slots__ = ("_admission", "body_bytes", "cutouts", "released")
+    __slots__ = ("_admission", "body_bytes", "cutouts", "released", "working")
 
     def __init__(self, admission: Admission, *, cutouts: int, body_bytes: int) -> None:
         self._admission = admission
@@ -223,13 +227,23 @@ class AdmissionTicket:
         self.body_bytes = body_bytes
         """Body bytes counted for the request (bytes)."""
         self.released = False
+        self.working = False
+        """Whether the body has been read and the work is timed (:meth:`correct`)."""
 
     def correct(self, cutouts: int) -> None:
-        """Count the request as ``cutouts`` (at least 1) from now on, once its body is read."""
+        """Count the request as ``cutouts`` (at least 1) from now on, once its body is read.
+
+        The first call also starts the request's work on the service-time meter.
+        """
         cutouts = max(cutouts, 1)
-        if not self.released:
-            self._admission.cutouts += cutouts - self.cutouts
+        if self.released:
+            self.cutouts = cutouts
+            return
+        self._admission.cutouts += cutouts - self.cutouts
         self.cutouts = cutouts
+        if not self.working:
+            self.working = True
+            self._admission.meter.started()
 
     def release(self) -> None:
         """Give back what the request held; later calls do nothing."""
@@ -240,6 +254,8 @@ class AdmissionTicket:
         admission.active -= 1
         admission.cutouts -= self.cutouts
         admission.body_bytes -= self.body_bytes
+        if self.working:
+            admission.meter.finished(self.cutouts)
 
 
 class Admission:
@@ -250,8 +266,9 @@ class Admission:
     max_queue_wait_s : float
         Deadline on the expected wait of the admitted work (seconds).
     seconds_per_cutout : callable
-        Returns the measured service time per cutout with every model instance
-        busy, or None before any was measured (seconds per cutout).
+        Returns the inference engine's measured time per cutout with every model
+        instance busy, or None before any was measured (seconds per cutout): the
+        estimate until :attr:`meter` has measured the whole pipeline.
     max_body_bytes_in_flight : int
         Most body bytes admitted at once (bytes).
     unknown_body_bytes : int
@@ -286,6 +303,8 @@ class Admission:
         self.bytes_per_cutout = bytes_per_cutout
         self._seconds_per_cutout = seconds_per_cutout
         self._on_refusal = on_refusal
+        self.meter = BusyTimeMeter()
+        """Busy wall time per cutout answered, over the requests whose body was read."""
         self.active = 0
         """Requests admitted and not yet answered (requests)."""
         self.cutouts = 0
@@ -317,9 +336,15 @@ class Admission:
         )
         self._wait_refusals: dict[int, Refusal] = {}
 
+    def seconds_per_cutout(self) -> float | None:
+        """Service time per cutout (seconds): the pipeline's measured busy time per cutout
+        answered, or the engine's estimate before the first window; None before either."""
+        measured = self.meter.seconds_per_cutout
+        return measured if measured is not None else self._seconds_per_cutout()
+
     def expected_wait_s(self) -> float:
         """Time the admitted work needs at the measured service time (seconds)."""
-        per_cutout_s = self._seconds_per_cutout()
+        per_cutout_s = self.seconds_per_cutout()
         return 0.0 if per_cutout_s is None else self.cutouts * per_cutout_s
 
     def admit(self, content_length: int | None) -> AdmissionTicket | Refusal:

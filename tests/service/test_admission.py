@@ -204,3 +204,24 @@ def test_the_access_log_drops_only_refused_posts_under_the_guarded_prefixes():
     assert drop.filter(record("POST", "/v1/predict", 200))
     assert drop.filter(record("GET", "/health/ready", 503))
     assert drop.filter(record("POST", "/v10/predict", 503))
+
+
+def test_once_a_window_of_work_is_measured_the_pipeline_time_replaces_the_engines():
+    engine_s = 0.001  # the batcher's time alone: what decoding and answering leave out
+    admission = make_admission(engine_s)
+    assert admission.seconds_per_cutout() == engine_s
+    # A request whose body is read (4 files) takes 0.6 s of wall time.
+    working = admitted(admission.admit(4 * ONE_CUTOUT_BODY))
+    working.correct(4)
+    time.sleep(0.6)
+    working.release()
+    measured = admission.seconds_per_cutout()
+    assert measured is not None
+    # time.sleep never returns early; a busy machine adds a little.
+    assert 0.6 / 4 <= measured < 1.0 / 4
+    # Its estimate now governs admission: 4 cutouts ahead are past the 0.5 s deadline.
+    ahead = admitted(admission.admit(4 * ONE_CUTOUT_BODY))
+    assert isinstance(admission.admit(ONE_CUTOUT_BODY), Refusal)
+    # A request that never had its body read (refused by its route, say) is not timed.
+    ahead.release()
+    assert admission.seconds_per_cutout() == measured
