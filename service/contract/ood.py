@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-from service.contract.preprocessing import _row_medians
+from service.contract.preprocessing import BandLevels, _row_medians
 
 #: Identifier of the statistics and of the score's maths; bump it when either changes.
 OOD_METHOD_ID = "mahalanobis_features_inputs_v1"
@@ -88,12 +89,37 @@ def _median(rows: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 def _band_sigmas(flat: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Robust (MAD) noise sigma of each row of a (bands, pixels) array (flux units)."""
+    """Robust (MAD) noise sigma of each row of a (rows, pixels) array (flux units)."""
     return 1.4826 * _median(np.abs(flat - _median(flat)[:, None]))
 
 
-def _noise_correlations(data: NDArray[np.float64], sigma: NDArray[np.float64]) -> list[float]:
-    """Pearson correlations (g-r, r-i, g-i) of the bands' pixel noise on the sky.
+def _masked_pearson(
+    x: NDArray[np.float64], y: NDArray[np.float64], keep: NDArray[np.bool_], axes: tuple[int, ...]
+) -> NDArray[np.float64]:
+    """Pearson correlation of ``x`` and ``y`` over the ``keep`` entries along ``axes``.
+
+    One value per remaining index; 0 where fewer than 3 entries are kept or none varies.
+    Sums of products, not ``np.dot``: OpenBLAS runs long dot products on several threads,
+    which on a busy server costs milliseconds of waiting for microseconds of work.
+    """
+    count = keep.sum(axis=axes)
+    safe = np.maximum(count, 1)
+    x = np.where(keep, x, 0.0)
+    y = np.where(keep, y, 0.0)
+    x = np.where(keep, x - _expand(x.sum(axis=axes) / safe, axes), 0.0)
+    y = np.where(keep, y - _expand(y.sum(axis=axes) / safe, axes), 0.0)
+    norm = np.sqrt((x * x).sum(axis=axes) * (y * y).sum(axis=axes))
+    correlation = (x * y).sum(axis=axes) / np.where(norm > 0, norm, 1.0)
+    return np.where((count >= 3) & (norm > 0), correlation, 0.0)
+
+
+def _expand(values: NDArray[np.float64], axes: tuple[int, ...]) -> NDArray[np.float64]:
+    """``values`` reduced over ``axes`` with those axes put back as length 1."""
+    return np.expand_dims(values, axes)
+
+
+def _noise_correlations(data: NDArray[np.float64], sigma: NDArray[np.float64]) -> NDArray:
+    """Pearson correlations (g-r, r-i, g-i) of the bands' pixel noise on the sky, shape (n, 3).
 
     The noise is the second difference along rows, ``x[j-1] - 2 x[j] + x[j+1]``,
     which cancels smooth light and gradients; only pixels within 3 sigma of the
@@ -102,85 +128,86 @@ def _noise_correlations(data: NDArray[np.float64], sigma: NDArray[np.float64]) -
     do not pass for correlated noise. Independent noise in each band gives about
     0; one band copied into another gives 1.
     """
-    second = data[:, :, :-2] - 2.0 * data[:, :, 1:-1] + data[:, :, 2:]
+    second = data[..., :-2] - 2.0 * data[..., 1:-1] + data[..., 2:]
+    band_sigma = sigma[:, :, None, None]
     with np.errstate(invalid="ignore"):  # NaN compares False: masked pixels drop out
-        sky = (np.abs(data[:, :, 1:-1]) <= _SKY_SIGMA * sigma[:, None, None]).all(axis=0)
-        good = sky & (
-            np.abs(second) <= _DIFFERENCE_CLIP_SIGMA * np.sqrt(6.0) * sigma[:, None, None]
-        )
-    correlations = []
-    for a, b in ((0, 1), (1, 2), (0, 2)):
-        keep = good[a] & good[b]
-        correlations.append(_pearson(second[a][keep], second[b][keep]))
-    return correlations
+        sky = (np.abs(data[..., 1:-1]) <= _SKY_SIGMA * band_sigma).all(axis=1)
+        good = sky[:, None] & (np.abs(second) <= _DIFFERENCE_CLIP_SIGMA * np.sqrt(6.0) * band_sigma)
+    pairs = ((0, 1), (1, 2), (0, 2))
+    return np.stack(
+        [
+            _masked_pearson(second[:, a], second[:, b], good[:, a] & good[:, b], (1, 2))
+            for a, b in pairs
+        ],
+        axis=1,
+    )
 
 
-def _noise_autocorrelation(data: NDArray[np.float64], sigma: NDArray[np.float64]) -> float:
-    """Correlation of horizontally adjacent sky pixels, over all bands.
+def _noise_autocorrelation(data: NDArray[np.float64], sigma: NDArray[np.float64]) -> NDArray:
+    """Correlation of horizontally adjacent sky pixels, over all bands, shape (n,).
 
     Independent pixel noise gives about 0; resampling (another pixel scale
     interpolated onto this one) correlates neighbours.
     """
-    scaled = data / sigma[:, None, None]
-    left, right = scaled[:, :, :-1], scaled[:, :, 1:]
+    scaled = data / sigma[:, :, None, None]
+    left, right = scaled[..., :-1], scaled[..., 1:]
     with np.errstate(invalid="ignore"):
         keep = (np.abs(left) <= _SKY_SIGMA) & (np.abs(right) <= _SKY_SIGMA)
-    return _pearson(left[keep], right[keep])
+    return _masked_pearson(left, right, keep, (1, 2, 3))
 
 
-def _pearson(x: NDArray[np.float64], y: NDArray[np.float64]) -> float:
-    """Pearson correlation of two 1-d arrays; 0 for fewer than 3 values or none varying.
-
-    Products are summed with ufuncs, not ``np.dot``: OpenBLAS runs dot products of more
-    than about 10,000 values on several threads, which on a busy server costs milliseconds
-    of waiting for a few microseconds of work.
-    """
-    if x.size < 3:
-        return 0.0
-    x, y = x - x.mean(), y - y.mean()
-    norm = float(np.sqrt(np.multiply(x, x).sum() * np.multiply(y, y).sum()))
-    return float(np.multiply(x, y).sum() / norm) if norm > 0 else 0.0
+def _boxes(images: NDArray[np.float64], y: NDArray, x: NDArray) -> NDArray[np.float64]:
+    """The 7x7 pixels of each of the (n, ny, nx) ``images`` whose top-left corner is (y, x)."""
+    offsets = np.arange(7)
+    rows = (y[:, None] + offsets)[:, :, None]
+    columns = (x[:, None] + offsets)[:, None, :]
+    return images[np.arange(len(images))[:, None, None], rows, columns]
 
 
-def _peak_concentration(data: NDArray[np.float64]) -> float:
-    """Flux of the 3x3 pixels around the brightest pixel of the band sum over its 7x7's.
+def _peak_concentration(data: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Flux of the 3x3 pixels around the brightest pixel of the band sum over its 7x7's, (n,).
 
     About the fraction of a point source's light within one pixel of its peak:
     it measures the PSF in pixels (and so the pixel scale) on the brightest
     object; a saturated plateau flattens it.
     """
-    total = np.nan_to_num(data.sum(axis=0))
-    y, x = np.unravel_index(int(np.argmax(total)), total.shape)
-    padded = np.pad(total, 3)
-    box = padded[y : y + 7, x : x + 7]
-    outer = float(box.sum())
-    return float(box[2:5, 2:5].sum() / outer) if outer > 0 else 0.0
+    total = np.nan_to_num(data.sum(axis=1))
+    y, x = np.unravel_index(total.reshape(len(total), -1).argmax(axis=1), total.shape[1:])
+    box = _boxes(np.pad(total, ((0, 0), (3, 3), (3, 3))), y, x)
+    outer = box.sum(axis=(1, 2))
+    inner = box[:, 2:5, 2:5].sum(axis=(1, 2))
+    return np.where(outer > 0, inner / np.where(outer > 0, outer, 1.0), 0.0)
 
 
-def _peak_shape(data: NDArray[np.float64]) -> tuple[float, float]:
+def _peak_shape(data: NDArray[np.float64]) -> tuple[NDArray, NDArray]:
     """How sharp the brightest object of the band sum is, in pixels: the PSF and pixel scale.
 
     At the brightest pixel at least 3 pixels from the edge: log10 of the
     discrete Laplacian over the peak (2/sigma^2 for a Gaussian of sigma pixels),
-    and log10 of the light-weighted mean squared radius (pixels^2) in its 7x7 box.
+    and log10 of the light-weighted mean squared radius (pixels^2) in its 7x7 box;
+    -3 for both where that pixel is not positive. Each of shape (n,).
     """
-    total = np.nan_to_num(data).sum(axis=0)
-    inner = total[3:-3, 3:-3]
-    y, x = np.unravel_index(int(np.argmax(inner)), inner.shape)
-    y, x = y + 3, x + 3
-    peak = float(total[y, x])
-    if not peak > 0:
-        return -3.0, -3.0
-    neighbours = total[y - 1, x] + total[y + 1, x] + total[y, x - 1] + total[y, x + 1]
-    curvature = (4.0 * peak - float(neighbours)) / peak
-    box = np.clip(total[y - 3 : y + 4, x - 3 : x + 4], 0.0, None)
+    total = np.nan_to_num(data).sum(axis=1)
+    inner = total[:, 3:-3, 3:-3]
+    y, x = np.unravel_index(inner.reshape(len(inner), -1).argmax(axis=1), inner.shape[1:])
+    box = _boxes(total, y, x)  # centred on the peak at (y + 3, x + 3)
+    peak = box[:, 3, 3]
+    neighbours = box[:, 2, 3] + box[:, 4, 3] + box[:, 3, 2] + box[:, 3, 4]
+    positive = peak > 0
+    curvature = (4.0 * peak - neighbours) / np.where(positive, peak, 1.0)
+    box = np.clip(box, 0.0, None)
     offsets = np.arange(-3, 4)
     radius2 = offsets[:, None] ** 2 + offsets[None, :] ** 2
-    moment = float((box * radius2).sum() / max(float(box.sum()), 1e-30))
-    return float(np.log10(max(curvature, 1e-3))), float(np.log10(max(moment, 1e-3)))
+    moment = (box * radius2).sum(axis=(1, 2)) / np.maximum(box.sum(axis=(1, 2)), 1e-30)
+    return (
+        np.where(positive, np.log10(np.maximum(curvature, 1e-3)), -3.0),
+        np.where(positive, np.log10(np.maximum(moment, 1e-3)), -3.0),
+    )
 
 
-def input_statistics(cube: NDArray[np.floating]) -> NDArray[np.float64]:
+def input_statistics(
+    cube: NDArray[np.floating], *, levels: BandLevels | None = None
+) -> NDArray[np.float64]:
     """The cheap input statistics of one cutout, before preprocessing.
 
     Parameters
@@ -188,6 +215,10 @@ def input_statistics(cube: NDArray[np.floating]) -> NDArray[np.float64]:
     cube : ndarray, shape (3, ny, nx)
         The decoded cutout in the file's flux unit (the training data's is AB zero
         point 30), bands in the models' order (g, r, i); masked pixels NaN.
+    levels : BandLevels, optional
+        The cube's band levels as the preprocessing measured them
+        (:func:`~service.contract.preprocessing.preprocess_cutout_with_levels`): the
+        same background and noise, not measured twice.
 
     Returns
     -------
@@ -201,42 +232,81 @@ def input_statistics(cube: NDArray[np.floating]) -> NDArray[np.float64]:
         one pixel of the brightest pixel (3x3 over 7x7 of the band sum); the
         curvature and second moment of the brightest object (:func:`_peak_shape`).
     """
-    data = np.asarray(cube, dtype=np.float64)
+    data = np.asarray(cube)
     if data.ndim != 3 or data.shape[0] != 3:
         raise ValueError(f"expected a (3, ny, nx) cube, got shape {data.shape}")
+    return input_statistics_batch(data[None], levels=None if levels is None else [levels])[0]
+
+
+def input_statistics_batch(
+    cubes: NDArray[np.floating], *, levels: Sequence[BandLevels] | None = None
+) -> NDArray[np.float64]:
+    """:func:`input_statistics` of each of ``cubes``, shape (n, 3, ny, nx), in one pass: (n, 17).
+
+    A cutout's statistics do not depend on the others in the batch. ``levels``, one per
+    cube, are the preprocessing's band levels of each (:func:`input_statistics`).
+    """
+    data = np.asarray(cubes, dtype=np.float64)
+    if data.ndim != 4 or data.shape[1] != 3:
+        raise ValueError(f"expected (n, 3, ny, nx) cubes, got shape {data.shape}")
+    if levels is not None and len(levels) != len(data):
+        raise ValueError(f"expected {len(data)} band levels, got {len(levels)}")
+    if len(data) == 0:
+        return np.zeros((0, len(INPUT_STATISTIC_NAMES)))
     with warnings.catch_warnings():
         # A band (or its border) may be all masked: its NaN statistics become 0 below.
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _input_statistics(np.where(np.isfinite(data), data, np.nan))
+        return _input_statistics(np.where(np.isfinite(data), data, np.nan), levels)
 
 
-def _input_statistics(data: NDArray[np.float64]) -> NDArray[np.float64]:
-    """:func:`input_statistics` of a float64 cube whose masked pixels are NaN."""
-    inner = np.ones(data.shape[1:], dtype=bool)
+def _band_levels(data: NDArray[np.float64]) -> tuple[NDArray, NDArray]:
+    """Border median and MAD noise of each band of NaN-masked cubes, each (n, 3) (flux units);
+    as :class:`~service.contract.preprocessing.BandLevels` holds them, 0 for an empty band."""
+    n, bands = data.shape[:2]
+    inner = np.ones(data.shape[2:], dtype=bool)
     inner[_BORDER_PIXELS:-_BORDER_PIXELS, _BORDER_PIXELS:-_BORDER_PIXELS] = False
-    background = np.nan_to_num(_median(data[:, inner]))
-    data = data - background[:, None, None]
-    sigma = np.maximum(np.nan_to_num(_band_sigmas(data.reshape(len(data), -1))), _SIGMA_FLOOR)
-    cy, cx = data.shape[1] // 2, data.shape[2] // 2
+    border = data[:, :, inner].reshape(n * bands, -1)
+    background = np.nan_to_num(_median(border)).reshape(n, bands)
+    flat = (data - background[:, :, None, None]).reshape(n * bands, -1)
+    return background, np.nan_to_num(_band_sigmas(flat)).reshape(n, bands)
+
+
+def _input_statistics(
+    data: NDArray[np.float64], levels: Sequence[BandLevels] | None
+) -> NDArray[np.float64]:
+    """:func:`input_statistics_batch` of float64 cubes whose masked pixels are NaN."""
+    n, bands = data.shape[:2]
+    if levels is None:
+        background, sigma = _band_levels(data)
+    else:
+        background = np.stack([level.background for level in levels])
+        sigma = np.stack([level.noise_sigma for level in levels])
+    data = data - background[:, :, None, None]
+    flat = data.reshape(n, bands, -1)
+    sigma = np.maximum(sigma, _SIGMA_FLOOR)
+    cy, cx = data.shape[2] // 2, data.shape[3] // 2
     h = _CENTRAL_HALF_WIDTH
-    central = np.nansum(data[:, cy - h : cy + h + 1, cx - h : cx + h + 1], axis=(1, 2))
-    softening = (2 * h + 1) * float(np.median(sigma))
-    asinh_mag = np.arcsinh(central / softening)
-    flat = data.reshape(len(data), -1)
-    peak = np.nan_to_num(np.nanmax(flat, axis=1) if np.isnan(flat).any() else flat.max(axis=1))
-    brightest = int(np.argmax(peak / sigma))
-    return np.array(
+    central = np.nansum(data[:, :, cy - h : cy + h + 1, cx - h : cx + h + 1], axis=(2, 3))
+    softening = (2 * h + 1) * np.median(sigma, axis=1)
+    asinh_mag = np.arcsinh(central / softening[:, None])
+    peak = np.nan_to_num(np.nanmax(flat, axis=2) if np.isnan(flat).any() else flat.max(axis=2))
+    brightest = np.argmax(peak / sigma, axis=1)
+    rows = np.arange(n)
+    peak_brightest, sigma_brightest = peak[rows, brightest], sigma[rows, brightest]
+    curvature, moment = _peak_shape(data)
+    return np.column_stack(
         [
-            *np.log10(sigma),
-            *(background / sigma),
-            *_noise_correlations(data, sigma),
-            asinh_mag[0] - asinh_mag[1],
-            asinh_mag[1] - asinh_mag[2],
-            np.log10(max(peak[brightest] / sigma[brightest], 1.0)),
-            np.log10(max(peak[brightest], sigma[brightest])),
+            np.log10(sigma),
+            background / sigma,
+            _noise_correlations(data, sigma),
+            asinh_mag[:, 0] - asinh_mag[:, 1],
+            asinh_mag[:, 1] - asinh_mag[:, 2],
+            np.log10(np.maximum(peak_brightest / sigma_brightest, 1.0)),
+            np.log10(np.maximum(peak_brightest, sigma_brightest)),
             _noise_autocorrelation(data, sigma),
             _peak_concentration(data),
-            *_peak_shape(data),
+            curvature,
+            moment,
         ]
     )
 

@@ -7,6 +7,7 @@ on how pixels are normalised. Pure numpy; no I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -73,6 +74,17 @@ def _fill_masked(data: NDArray[np.float64]) -> NDArray[np.float64]:
     return filled
 
 
+@dataclass(frozen=True)
+class BandLevels:
+    """Each band's background and estimated noise, as the preprocessing measures them."""
+
+    background: NDArray[np.float64]
+    """Median of the finite pixels of each band's outer frame, shape (bands,) (flux units)."""
+    noise_sigma: NDArray[np.float64]
+    """Robust (MAD) noise of each background-subtracted band from its finite pixels, before
+    any known noise level replaces it, shape (bands,) (flux units); 0 for an empty band."""
+
+
 def preprocess_cutout(
     cube: NDArray[np.floating], *, noise_sigma: Sequence[float | None] | None = None
 ) -> NDArray[np.float32]:
@@ -100,14 +112,26 @@ def preprocess_cutout(
     ndarray, shape (ny, nx, n_bands), float32
         Channels-last input in units of asinh(flux / (3 sigma_noise)).
     """
+    return preprocess_cutout_with_levels(cube, noise_sigma=noise_sigma)[0]
+
+
+def preprocess_cutout_with_levels(
+    cube: NDArray[np.floating], *, noise_sigma: Sequence[float | None] | None = None
+) -> tuple[NDArray[np.float32], BandLevels]:
+    """:func:`preprocess_cutout`, and the band levels it measured on the way (one pass)."""
     data = np.asarray(cube, dtype=np.float64)
     if data.ndim != 3:
         raise ValueError(f"expected a (bands, ny, nx) cube, got shape {data.shape}")
     known = _known_noise(noise_sigma, data.shape[0])
     if min(data.shape[1:]) > 2 * _BORDER_PIXELS and np.isfinite(data).all():
-        data, sigma = _normalise_unmasked(data, known)
+        data, sigma, levels = _normalise_unmasked(data, known)
     else:
-        data, sigma = _normalise_masked(data, known)
+        data, sigma, levels = _normalise_masked(data, known)
+    return _stretch(data, sigma), levels
+
+
+def _stretch(data: NDArray[np.float64], sigma: float) -> NDArray[np.float32]:
+    """Masked pixels filled, then the asinh stretch at 3 sigma, channels last."""
     data = _fill_masked(data)
     scaled = np.arcsinh(data / (_ASINH_SOFTENING_SIGMA * sigma))
     scaled[~np.isfinite(scaled)] = 0.0
@@ -137,19 +161,20 @@ def _with_known(
 
 def _normalise_masked(
     data: NDArray[np.float64], known: NDArray[np.float64] | None = None
-) -> tuple[NDArray[np.float64], float]:
-    """Background-subtracted bands and the shared noise scale, masked pixels left out."""
+) -> tuple[NDArray[np.float64], float, BandLevels]:
+    """Background-subtracted bands, the shared noise scale and the band levels, masked pixels
+    left out."""
     background = np.array([_border_median(band) for band in data])
     data = data - background[:, None, None]
-    band_sigmas = [_robust_sigma(band) for band in data]
-    sigma = np.median(band_sigmas if known is None else _with_known(np.array(band_sigmas), known))
+    band_sigmas = np.array([_robust_sigma(band) for band in data])
+    sigma = np.median(_with_known(band_sigmas, known))
     peak = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 0.0
-    return data, _noise_scale(float(sigma), peak)
+    return data, _noise_scale(float(sigma), peak), BandLevels(background, band_sigmas)
 
 
 def _normalise_unmasked(
     data: NDArray[np.float64], known: NDArray[np.float64] | None = None
-) -> tuple[NDArray[np.float64], float]:
+) -> tuple[NDArray[np.float64], float, BandLevels]:
     """:func:`_normalise_masked` for a cube without masked pixels, all bands at once.
 
     The same medians of the same values, without per-band copies and NaN
@@ -166,13 +191,14 @@ def _normalise_unmasked(
         ],
         axis=1,
     )
-    data = data - _row_medians(frame)[:, None, None]
+    background = _row_medians(frame)
+    data = data - background[:, None, None]
     flat = data.reshape(n_bands, -1)
-    band_sigmas = _with_known(
-        1.4826 * _row_medians(np.abs(flat - _row_medians(flat)[:, None])), known
-    )
+    estimated = 1.4826 * _row_medians(np.abs(flat - _row_medians(flat)[:, None]))
+    band_sigmas = _with_known(estimated, known)
     sigma = _row_medians(band_sigmas[None, :])[0]  # np.median costs more on three values
-    return data, _noise_scale(float(sigma), float(np.max(np.abs(flat))))
+    noise_scale = _noise_scale(float(sigma), float(np.max(np.abs(flat))))
+    return data, noise_scale, BandLevels(background, estimated)
 
 
 def _row_medians(rows: NDArray[np.float64]) -> NDArray[np.float64]:

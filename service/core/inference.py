@@ -32,7 +32,7 @@ from service.contract.cards import (
     ModelSet,
 )
 from service.contract.ood import input_statistics, novelty_factor, spread_pass_means
-from service.contract.preprocessing import preprocess_cutout, signal_to_noise
+from service.contract.preprocessing import preprocess_cutout_with_levels, signal_to_noise
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
     calibrate_by_regime,
@@ -255,7 +255,7 @@ def prepare_plain_cutout_for_input(
 
 def _prepared(decoded: DecodedCutout, filename: str) -> PreparedCutout:
     """A decoded cutout, preprocessed for the models."""
-    image = preprocess_cutout(decoded.pixels, noise_sigma=decoded.noise_sigma)
+    image, levels = preprocess_cutout_with_levels(decoded.pixels, noise_sigma=decoded.noise_sigma)
     return PreparedCutout(
         filename=filename,
         image=image,
@@ -264,7 +264,9 @@ def _prepared(decoded: DecodedCutout, filename: str) -> PreparedCutout:
         dec_deg=decoded.dec_deg,
         warnings=tuple(decoded.warnings),
         signal_to_noise=float(signal_to_noise(image)),
-        input_statistics=input_statistics(decoded.pixels) if len(decoded.pixels) == 3 else None,
+        input_statistics=(
+            input_statistics(decoded.pixels, levels=levels) if len(decoded.pixels) == 3 else None
+        ),
     )
 
 

@@ -233,3 +233,23 @@ def test_out_of_distribution_cubes_are_flagged_with_a_warning(app_client, kind):
                 rtol=1e-6,
             )
     assert flagged >= MIN_FLAGGED[kind] * len(CLEAN), f"{kind}: {flagged} of {len(CLEAN)} flagged"
+
+
+def test_batched_statistics_match_one_cutout_at_a_time_and_reuse_the_preprocessing_levels():
+    from service.contract.ood import input_statistics_batch
+    from service.contract.preprocessing import preprocess_cutout_with_levels
+
+    rng = np.random.default_rng(3)
+    clean = fits.getdata(CLEAN[0]).astype(np.float32)
+    masked = clean.copy()
+    masked[:, 30:34, :] = np.nan  # a masked stripe: the batch then takes the NaN-aware medians
+    cubes = np.stack([clean, masked, _noise_cube(rng, (5.0, 9.0, 20.0)), clean * 3 + 50])
+    one_by_one = np.array([input_statistics(cube) for cube in cubes])
+    # The masked cube in the batch must not change its neighbours' medians.
+    np.testing.assert_allclose(input_statistics_batch(cubes), one_by_one, rtol=0, atol=1e-12)
+    levels = [preprocess_cutout_with_levels(cube)[1] for cube in cubes]
+    np.testing.assert_allclose(
+        input_statistics_batch(cubes, levels=levels), one_by_one, rtol=0, atol=1e-12
+    )
+    with pytest.raises(ValueError, match="band levels"):
+        input_statistics_batch(cubes, levels=levels[:2])

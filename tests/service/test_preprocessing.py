@@ -80,13 +80,16 @@ def test_unmasked_cubes_normalise_exactly_as_the_masked_path_would(shape, offset
     """The all-bands-at-once path for cubes without NaN equals the per-band one bit for bit."""
     rng = np.random.default_rng(sum(shape))
     data = offset + rng.standard_t(3, size=shape) * rng.uniform(0.5, 3.0, size=(shape[0], 1, 1))
-    expected, expected_sigma = _normalise_masked(data)
+    expected, expected_sigma, expected_levels = _normalise_masked(data)
     assert np.isfinite(preprocess_cutout(data)).all()
     if min(shape[1:]) <= 8:
         return  # no inner region: preprocess_cutout takes the per-band path
-    got, sigma = _normalise_unmasked(data)
+    got, sigma, levels = _normalise_unmasked(data)
     np.testing.assert_array_equal(got, expected)
     assert sigma == expected_sigma
+    # The band levels the OOD statistics reuse are the same numbers on either path.
+    np.testing.assert_array_equal(levels.background, expected_levels.background)
+    np.testing.assert_array_equal(levels.noise_sigma, expected_levels.noise_sigma)
 
 
 @settings(max_examples=300, deadline=None)
