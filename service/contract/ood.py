@@ -94,28 +94,28 @@ def _band_sigmas(flat: NDArray[np.float64]) -> NDArray[np.float64]:
 
 
 def _masked_pearson(
-    x: NDArray[np.float64], y: NDArray[np.float64], keep: NDArray[np.bool_], axes: tuple[int, ...]
+    x: NDArray[np.float64], y: NDArray[np.float64], keep: NDArray[np.bool_]
 ) -> NDArray[np.float64]:
-    """Pearson correlation of ``x`` and ``y`` over the ``keep`` entries along ``axes``.
+    """Pearson correlation of ``x`` and ``y`` over their ``keep`` entries, per leading index.
 
-    One value per remaining index; 0 where fewer than 3 entries are kept or none varies.
-    Sums of products, not ``np.dot``: OpenBLAS runs long dot products on several threads,
-    which on a busy server costs milliseconds of waiting for microseconds of work.
+    Arrays of shape (n, ...); one value per n, 0 where fewer than 3 entries are kept or
+    none varies. From the sums of the kept values, their squares and products (fused
+    by ``einsum``, which also keeps them off OpenBLAS's threads: long dot products there
+    cost a busy server milliseconds of waiting for microseconds of work).
     """
-    count = keep.sum(axis=axes)
+    n = len(keep)
+    keep = keep.reshape(n, -1)
+    x = np.where(keep, x.reshape(n, -1), 0.0)
+    y = np.where(keep, y.reshape(n, -1), 0.0)
+    count = keep.sum(axis=1)
     safe = np.maximum(count, 1)
-    x = np.where(keep, x, 0.0)
-    y = np.where(keep, y, 0.0)
-    x = np.where(keep, x - _expand(x.sum(axis=axes) / safe, axes), 0.0)
-    y = np.where(keep, y - _expand(y.sum(axis=axes) / safe, axes), 0.0)
-    norm = np.sqrt((x * x).sum(axis=axes) * (y * y).sum(axis=axes))
-    correlation = (x * y).sum(axis=axes) / np.where(norm > 0, norm, 1.0)
-    return np.where((count >= 3) & (norm > 0), correlation, 0.0)
-
-
-def _expand(values: NDArray[np.float64], axes: tuple[int, ...]) -> NDArray[np.float64]:
-    """``values`` reduced over ``axes`` with those axes put back as length 1."""
-    return np.expand_dims(values, axes)
+    sum_x, sum_y = x.sum(axis=1), y.sum(axis=1)
+    var_x = np.einsum("nk,nk->n", x, x) - sum_x * sum_x / safe
+    var_y = np.einsum("nk,nk->n", y, y) - sum_y * sum_y / safe
+    covariance = np.einsum("nk,nk->n", x, y) - sum_x * sum_y / safe
+    norm = np.sqrt(np.maximum(var_x, 0.0) * np.maximum(var_y, 0.0))
+    correlation = covariance / np.where(norm > 0, norm, 1.0)
+    return np.where((count >= 3) & (norm > 0), np.clip(correlation, -1.0, 1.0), 0.0)
 
 
 def _noise_correlations(data: NDArray[np.float64], sigma: NDArray[np.float64]) -> NDArray:
@@ -135,10 +135,7 @@ def _noise_correlations(data: NDArray[np.float64], sigma: NDArray[np.float64]) -
         good = sky[:, None] & (np.abs(second) <= _DIFFERENCE_CLIP_SIGMA * np.sqrt(6.0) * band_sigma)
     pairs = ((0, 1), (1, 2), (0, 2))
     return np.stack(
-        [
-            _masked_pearson(second[:, a], second[:, b], good[:, a] & good[:, b], (1, 2))
-            for a, b in pairs
-        ],
+        [_masked_pearson(second[:, a], second[:, b], good[:, a] & good[:, b]) for a, b in pairs],
         axis=1,
     )
 
@@ -153,7 +150,7 @@ def _noise_autocorrelation(data: NDArray[np.float64], sigma: NDArray[np.float64]
     left, right = scaled[..., :-1], scaled[..., 1:]
     with np.errstate(invalid="ignore"):
         keep = (np.abs(left) <= _SKY_SIGMA) & (np.abs(right) <= _SKY_SIGMA)
-    return _masked_pearson(left, right, keep, (1, 2, 3))
+    return _masked_pearson(left, right, keep)
 
 
 def _boxes(images: NDArray[np.float64], y: NDArray, x: NDArray) -> NDArray[np.float64]:
