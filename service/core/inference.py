@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeAlias
 
 import numpy as np
@@ -454,17 +454,45 @@ class InferenceEngine:
             raw = self._runtime.predict(
                 images, num_samples=max(items[i].num_samples for i in shared)
             )
-            start = 0
-            for i in shared:
-                stop = start + len(items[i].cutouts)
-                part = raw.select(slice(start, stop), num_samples=items[i].num_samples)
-                maps = _explain(self._runtime, items[i], part, self._max_batch_size)
-                answers[i] = _summarise(items[i], part, self._runtime.models, maps)
-                start = stop
+            for i, outcomes in self._summarise_shared(items, shared, raw).items():
+                answers[i] = outcomes
         for i, item in enumerate(items):
             if item.seed is not None:
                 answers[i] = _predict_item(self._runtime, item, self._max_batch_size)
         return [answer for answer in answers if answer is not None]
+
+    def _summarise_shared(
+        self, items: list[_BatchItem], shared: list[int], raw: RawPredictions
+    ) -> dict[int, list[CutoutOutcome]]:
+        """The answers of ``items[i]`` for i in ``shared``, whose cutouts ran in that order.
+
+        Items that want neither samples nor maps are summarised together, one call per
+        sample count, so many single-cutout requests cost one summary, not one each
+        (every step of the summary treats cutouts independently).
+        """
+        stops = np.cumsum([len(items[i].cutouts) for i in shared])
+        rows = {
+            i: np.arange(stop - len(items[i].cutouts), stop)
+            for i, stop in zip(shared, stops, strict=True)
+        }
+        models = self._runtime.models
+        answers: dict[int, list[CutoutOutcome]] = {}
+        together: dict[int, list[int]] = {}
+        for i in shared:
+            item = items[i]
+            if item.include_samples or item.explain:
+                part = raw.select(rows[i], num_samples=item.num_samples)
+                maps = _explain(self._runtime, item, part, self._max_batch_size)
+                answers[i] = _summarise(item, part, models, maps)
+            else:
+                together.setdefault(item.num_samples, []).append(i)
+        for num_samples, group in together.items():
+            part = raw.select(np.concatenate([rows[i] for i in group]), num_samples=num_samples)
+            cutouts = tuple(c for i in group for c in items[i].cutouts)
+            outcomes = iter(_summarise(replace(items[group[0]], cutouts=cutouts), part, models))
+            for i in group:
+                answers[i] = [next(outcomes) for _ in items[i].cutouts]
+        return answers
 
 
 def _predict_item(

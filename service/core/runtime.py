@@ -85,8 +85,11 @@ class RawPredictions:
     def __len__(self) -> int:
         return int(self.lens_probability.shape[0])
 
-    def select(self, rows: slice, *, num_samples: int | None = None) -> RawPredictions:
-        """The predictions of a run of cutouts, keeping the first ``num_samples`` passes.
+    def select(
+        self, rows: slice | NDArray[np.integer], *, num_samples: int | None = None
+    ) -> RawPredictions:
+        """The predictions of some cutouts (a slice or row indices), keeping the first
+        ``num_samples`` passes.
 
         Dropout passes are independent and identically distributed, so the
         first T of a larger set of passes are a valid set of T passes.

@@ -241,3 +241,56 @@ def test_the_engine_on_the_real_models_matches_the_runtime_called_directly():
         assert list(outcome.einstein_radius.quantiles.values()) == pytest.approx(
             summary.quantiles[row].tolist()
         )
+
+
+class SeededRuntime:
+    """The real ONNX runtime with one fixed dropout seed, so shared calls repeat exactly."""
+
+    def __init__(self, runtime: OnnxModelRuntime) -> None:
+        self._runtime = runtime
+        self.calls: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runtime, name)
+
+    def predict(
+        self, images: np.ndarray, *, num_samples: int, seed: int | None = None
+    ) -> RawPredictions:
+        self.calls.append(len(images))
+        return self._runtime.predict(images, num_samples=num_samples, seed=11)
+
+
+def test_single_cutout_requests_summarised_together_answer_as_one_request_would():
+    runtime = OnnxModelRuntime(MODELS_DIR, device="cpu", warmup_batch_sizes=())
+    runtime.load()
+    models = runtime.models
+    limits = FitsLimits()
+    files = sorted((MODELS_DIR.parent / "examples" / "cutouts" / "clean").glob("*.fits"))[:6]
+    cutouts = [
+        prepare_cutout(f.read_bytes(), filename=f.name, models=models, limits=limits) for f in files
+    ]
+    seeded = SeededRuntime(runtime)
+
+    async def work(engine: InferenceEngine) -> Any:
+        together = await asyncio.gather(
+            *(engine.predict_cutouts([c], num_samples=40) for c in cutouts[:5]),
+            # One that asks for its samples is summarised on its own, in its place.
+            engine.predict_cutouts(cutouts[5:], num_samples=40, include_samples=True),
+        )
+        alone = await engine.predict_cutouts(cutouts, num_samples=40)
+        return together, alone
+
+    engine = _engine(seeded, max_batch_size=64, max_batch_wait_s=0.05)
+    together, alone = asyncio.run(_with_engine(engine, work))
+    assert seeded.calls == [6, 6]  # one model call each time, the same images in order
+    flat = [outcomes[0] for outcomes in together]
+    assert [o.filename for o in flat] == [f.name for f in files]
+    for grouped, single in zip(flat, alone, strict=True):
+        assert grouped.lens_probability == single.lens_probability
+        assert grouped.out_of_distribution == single.out_of_distribution
+        assert grouped.out_of_distribution is not None
+        assert grouped.einstein_radius.mean == pytest.approx(single.einstein_radius.mean, abs=1e-12)
+        assert grouped.einstein_radius.quantiles == pytest.approx(
+            single.einstein_radius.quantiles, abs=1e-12
+        )
+    assert flat[5].einstein_radius.samples is not None
