@@ -41,8 +41,12 @@ from service.contract.cards import (
     dump_model_card,
     read_model_cards,
 )
-from service.contract.preprocessing import preprocess_batch
-from service.contract.uncertainty import QUANTILE_LEVELS, summarise_mc_samples
+from service.contract.preprocessing import preprocess_batch, signal_to_noise
+from service.contract.uncertainty import (
+    QUANTILE_LEVELS,
+    calibrate_by_regime,
+    summarise_mc_samples,
+)
 from training import metrics as m
 from training.dataset import CONFIG_FILE, LABEL_FILE
 
@@ -229,8 +233,22 @@ def predict_set(
             else:
                 theta_samples, log_variances = outputs
                 (parameters,) = regressor.run(None, {"image": lens_images})
-            summary = summarise_mc_samples(theta_samples, log_variances, models.mc_mixture_levels)
-            point.append(np.asarray(parameters, dtype=np.float64)[:, 0])
+            point_theta = np.asarray(parameters, dtype=np.float64)[:, 0]
+            # As the service answers (service.core.inference._summarise, less the widening
+            # of the <= 1% of cutouts flagged out of distribution): the card's per-regime
+            # table when it has one, else the mixture read at its recalibrated levels.
+            table = models.mc_regime_table
+            levels = None if table is not None else models.mc_mixture_levels
+            summary = summarise_mc_samples(theta_samples, log_variances, levels)
+            if table is not None:
+                summary = calibrate_by_regime(
+                    summary,
+                    table,
+                    theta_E_arcsec=point_theta,
+                    signal_to_noise=signal_to_noise(lens_images),
+                    num_samples=int(num_samples),
+                )
+            point.append(point_theta)
             quantiles.append(summary.quantiles)
             means.append(summary.mean)
         start = stop
