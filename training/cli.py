@@ -177,6 +177,17 @@ def _ood(args: argparse.Namespace) -> None:
     )
 
 
+def _seeing(args: argparse.Namespace) -> None:
+    from training.seeing import graft_into_classifier, train_seeing_estimator
+
+    model, record = train_seeing_estimator(
+        Path(args.data), Path(args.val), epochs=args.epochs, seed=args.seed
+    )
+    card = graft_into_classifier(Path(args.models), model, record)
+    rmse = ", ".join(f"{b} {v:.4f}" for b, v in record["validation_rmse_log10"].items())
+    print(f"seeing estimator: validation RMSE (log10 FWHM) {rmse}; updated {card}")
+
+
 def _ood_sets(args: argparse.Namespace) -> None:
     from training.ood_sets import OOD_KINDS, write_ood_sets
 
@@ -366,6 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(for models exported before it had one)",
     )
     ood.set_defaults(handler=_ood)
+
+    seeing = commands.add_parser(
+        "seeing",
+        help="train the seeing estimator of the OOD score and graft it into the classifier",
+    )
+    seeing.add_argument("--data", required=True, help="training data folder")
+    seeing.add_argument("--val", required=True, help="validation folder (learning-rate schedule)")
+    seeing.add_argument("--models", default="models", help="models folder (classifier in place)")
+    seeing.add_argument("--epochs", type=int, default=6)
+    seeing.add_argument("--seed", type=int, default=0)
+    seeing.set_defaults(handler=_seeing)
 
     ood_sets = commands.add_parser(
         "ood-sets", help="out-of-distribution test sets derived from simulated cutouts"

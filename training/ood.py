@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +31,14 @@ from service.contract.cards import (
     FEATURES_OUTPUT,
     MC_NAME,
     NUM_SAMPLES_INPUT,
+    SEEING_OUTPUT,
     OutOfDistributionSpec,
     read_model_card,
 )
 from service.contract.ood import (
     INPUT_STATISTIC_NAMES,
     OOD_METHOD_ID,
+    OOD_METHOD_ID_TWO_TERMS,
     OodStatistics,
     input_statistics,
     novelty_factor,
@@ -74,6 +76,8 @@ class Scored:
     mc_means: NDArray[np.float32] | None
     """(n, T) theta_E of each MC-dropout pass (arcsec), when asked for."""
     mc_log_variances: NDArray[np.float32] | None
+    seeing: NDArray[np.float32] | None = None
+    """(n, bands) the classifier's seeing estimates (log10 arcsec), when it has them."""
 
     @property
     def epistemic_std(self) -> NDArray[np.float64]:
@@ -91,8 +95,11 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def score_inputs(
     models_dir: Path, images: NDArray[np.floating], *, epistemic: bool = False
-) -> tuple[NDArray[np.float32], NDArray[np.float64], tuple[NDArray, NDArray] | None]:
-    """Features, input statistics and (optionally) the MC passes of raw cutouts.
+) -> tuple[
+    NDArray[np.float32], NDArray[np.float64], tuple[NDArray, NDArray] | None, NDArray | None
+]:
+    """Features, input statistics, (optionally) the MC passes and the seeing estimates
+    (None when the classifier has no such output) of raw cutouts.
 
     Parameters
     ----------
@@ -110,14 +117,18 @@ def score_inputs(
             "re-export the classifier (python -m training export, or reexport_classifier)"
         )
     classifier = _session(models_dir / classifier_card.onnx_file)
+    has_seeing = SEEING_OUTPUT in classifier_card.output_names
+    outputs = [FEATURES_OUTPUT, SEEING_OUTPUT] if has_seeing else [FEATURES_OUTPUT]
     mc = None
     if epistemic:
         mc = _session(models_dir / read_model_card(models_dir / f"{MC_NAME}.json").onnx_file)
-    features, inputs, mc_means, mc_log_variances = [], [], [], []
+    features, inputs, seeing, mc_means, mc_log_variances = [], [], [], [], []
     for start in range(0, len(images), _BATCH):
         cubes = np.asarray(images[start : start + _BATCH])
         batch = preprocess_batch(cubes)
-        features.append(classifier.run([FEATURES_OUTPUT], {"image": batch})[0])
+        values = classifier.run(outputs, {"image": batch})
+        features.append(values[0])
+        seeing.extend(values[1:])
         inputs.extend(input_statistics(cube) for cube in cubes)
         if mc is not None:
             means, log_variances = mc.run(
@@ -130,17 +141,18 @@ def score_inputs(
         np.concatenate(features).astype(np.float32),
         np.stack(inputs),
         (np.concatenate(mc_means), np.concatenate(mc_log_variances)) if mc is not None else None,
+        np.concatenate(seeing).astype(np.float32) if has_seeing else None,
     )
 
 
 def score_dataset(models_dir: Path, data_dir: Path, *, epistemic: bool = False) -> Scored:
     """:func:`score_inputs` on a data folder of NPZ shards and ``labels.csv``."""
     dataset = load_dataset(data_dir)
-    features, inputs, mc = score_inputs(models_dir, dataset.images, epistemic=epistemic)
+    features, inputs, mc, seeing = score_inputs(models_dir, dataset.images, epistemic=epistemic)
     is_lens = dataset.labels["is_lens"].astype(float) > 0.5
     theta_E = np.where(is_lens, dataset.labels["theta_E"].astype(float), np.nan)
     means, log_variances = mc if mc is not None else (None, None)
-    return Scored(features, inputs, is_lens, theta_E, means, log_variances)
+    return Scored(features, inputs, is_lens, theta_E, means, log_variances, seeing)
 
 
 def _shrunk_precision(centred: NDArray[np.float64], shrinkage: float) -> NDArray[np.float64]:
@@ -155,9 +167,13 @@ def _shrunk_precision(centred: NDArray[np.float64], shrinkage: float) -> NDArray
 
 
 def fit_statistics(
-    features: NDArray[np.floating], inputs: NDArray[np.floating], is_lens: NDArray[np.bool_]
+    features: NDArray[np.floating],
+    inputs: NDArray[np.floating],
+    is_lens: NDArray[np.bool_],
+    seeing: NDArray[np.floating] | None = None,
 ) -> OodStatistics:
-    """Class means and shared covariance of the features; Gaussian of the inputs.
+    """Class means and shared covariance of the features; Gaussians of the inputs and, when
+    given, of the seeing estimates (log10 arcsec, one column per band).
 
     The terms' standardisation (median and MAD of log d2) is taken on the fit
     data itself; the threshold, set on other data, absorbs the optimism.
@@ -168,28 +184,29 @@ def fit_statistics(
     means = np.stack([features[c].mean(axis=0) for c in classes])
     centred = np.concatenate([features[c] - means[k] for k, c in enumerate(classes)])
     input_mean = inputs.mean(axis=0)
+    seeing_arrays = {}
+    if seeing is not None:
+        seeing = np.asarray(seeing, dtype=np.float64)
+        seeing_mean = seeing.mean(axis=0)
+        seeing_arrays = {
+            "seeing_mean": seeing_mean,
+            "seeing_precision": _shrunk_precision(seeing - seeing_mean, INPUT_SHRINKAGE),
+        }
+    n_terms = 3 if seeing_arrays else 2
     stats = OodStatistics(
         feature_means=means,
         feature_precision=_shrunk_precision(centred, FEATURE_SHRINKAGE),
         input_mean=input_mean,
         input_precision=_shrunk_precision(inputs - input_mean, INPUT_SHRINKAGE),
-        log_d2_median=np.zeros(2),
-        log_d2_scale=np.ones(2),
+        log_d2_median=np.zeros(n_terms),
+        log_d2_scale=np.ones(n_terms),
+        **seeing_arrays,
     )
-    log_d2 = np.log(np.maximum(stats.squared_distances(features, inputs), 1e-12))
+    log_d2 = np.log(np.maximum(stats.squared_distances(features, inputs, seeing), 1e-12))
     median = np.median(log_d2, axis=0)
     scale = 1.4826 * np.median(np.abs(log_d2 - median), axis=0)
     # Stored as float32 in models/: round-trip now so that fit and service agree exactly.
-    return read_ood_statistics(
-        OodStatistics(
-            feature_means=stats.feature_means,
-            feature_precision=stats.feature_precision,
-            input_mean=stats.input_mean,
-            input_precision=stats.input_precision,
-            log_d2_median=median,
-            log_d2_scale=scale,
-        ).to_bytes()
-    )
+    return read_ood_statistics(replace(stats, log_d2_median=median, log_d2_scale=scale).to_bytes())
 
 
 def fit_ood(
@@ -208,16 +225,19 @@ def fit_ood(
         np.concatenate([s.features for s in fits]),
         np.concatenate([s.inputs for s in fits]),
         np.concatenate([s.is_lens for s in fits]),
+        _seeing_of(fits),
     )
     held_out = [score_dataset(models_dir, d) for d in threshold_dirs]
     scores = stats.score(
-        np.concatenate([s.features for s in held_out]), np.concatenate([s.inputs for s in held_out])
+        np.concatenate([s.features for s in held_out]),
+        np.concatenate([s.inputs for s in held_out]),
+        _seeing_of(held_out),
     )
     threshold = float(np.quantile(scores, 1.0 - flagged_fraction))
     data = stats.to_bytes()
     (models_dir / STATISTICS_FILE).write_bytes(data)
     entry = {
-        "method": OOD_METHOD_ID,
+        "method": OOD_METHOD_ID if stats.has_seeing else OOD_METHOD_ID_TWO_TERMS,
         "statistics_file": STATISTICS_FILE,
         "statistics_sha256": hashlib.sha256(data).hexdigest(),
         "threshold": threshold,
@@ -235,6 +255,13 @@ def fit_ood(
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     read_model_card(card_path)
     return entry
+
+
+def _seeing_of(scored: list[Scored]) -> NDArray[np.float32] | None:
+    """The sets' seeing estimates stacked; None when the classifier gives none."""
+    if any(s.seeing is None for s in scored):
+        return None
+    return np.concatenate([s.seeing for s in scored])
 
 
 def _describe(dirs: list[Path], scored: list[Scored]) -> list[dict]:
@@ -302,7 +329,7 @@ def evaluate_ood(
     levels = QUANTILE_LEVELS if calibration is None else calibration.mixture_levels
     rng = np.random.default_rng(seed)
     reference = score_dataset(models_dir, in_dir, epistemic=True)
-    ref_terms = stats.terms(reference.features, reference.inputs)
+    ref_terms = stats.terms(reference.features, reference.inputs, reference.seeing)
     ref_scores = ref_terms.max(axis=1)
     ref_flagged = ref_scores > threshold
     ref_epistemic = float(np.median(reference.epistemic_std))
@@ -329,7 +356,7 @@ def evaluate_ood(
     }
     for ood_dir in ood_dirs:
         scored = score_dataset(models_dir, ood_dir, epistemic=True)
-        terms = stats.terms(scored.features, scored.inputs)
+        terms = stats.terms(scored.features, scored.inputs, scored.seeing)
         scores = terms.max(axis=1)
         labels = np.r_[np.zeros(len(ref_scores)), np.ones(len(scores))]
         both = np.r_[ref_scores, scores]
@@ -350,6 +377,7 @@ def evaluate_ood(
             "auroc_95": bootstrap_interval(statistic, [n_ref, len(scores)], rng, n_boot=n_boot),
             "auroc_features_term": terms_auroc[0],
             "auroc_inputs_term": terms_auroc[1],
+            "auroc_seeing_term": terms_auroc[2] if len(terms_auroc) > 2 else None,
             "flagged_fraction": float(np.mean(scores > threshold)),
             "median_epistemic_std_arcsec": median_epistemic,
             "epistemic_ratio": median_epistemic / ref_epistemic,

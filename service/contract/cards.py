@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.contract.ood import OOD_METHOD_ID, OodStatistics, read_ood_statistics
+from service.contract.ood import OOD_METHOD_IDS, OodStatistics, read_ood_statistics
 from service.contract.preprocessing import PREPROCESSING_ID
 from service.contract.uncertainty import QUANTILE_LEVELS, RegimeTable
 from service.errors import ModelUnavailableError
@@ -38,6 +38,9 @@ REQUIRED_OUTPUTS: dict[str, tuple[str, ...]] = {
 #: Optional classifier output: the trunk's feature vector, read for the out-of-distribution
 #: score (:mod:`service.contract.ood`) when the card lists it.
 FEATURES_OUTPUT = "features"
+#: Optional classifier output: each band's seeing FWHM (log10 arcsec) as a small network in
+#: the classifier's graph estimates it, for the score's seeing term (method ``..._psf_v2``).
+SEEING_OUTPUT = "psf_fwhm_log10_arcsec"
 #: Optional MC output: the regressor's point parameters from the MC graph's one trunk pass.
 #: When the MC card lists it, the full answer runs two models instead of three.
 MC_PARAMETERS_OUTPUT = "parameters"
@@ -321,10 +324,10 @@ def _read_ood_statistics(card: ModelCard, models_dir: Path) -> OodStatistics | N
             f"model {card.name!r}: its card has out-of-distribution statistics but no "
             f"{FEATURES_OUTPUT!r} output (outputs: {card.output_names})"
         )
-    if spec.method != OOD_METHOD_ID:
+    if spec.method not in OOD_METHOD_IDS:
         raise ModelUnavailableError(
             f"model {card.name!r}: out-of-distribution method {spec.method!r}; this service "
-            f"implements {OOD_METHOD_ID!r}"
+            f"implements {list(OOD_METHOD_IDS)}"
         )
     path = models_dir / spec.statistics_file
     try:
@@ -348,6 +351,11 @@ def _read_ood_statistics(card: ModelCard, models_dir: Path) -> OodStatistics | N
         raise ModelUnavailableError(
             f"model {card.name!r}: {path} is for {stats.n_features} features; the "
             f"{FEATURES_OUTPUT!r} output has {shape[1]}"
+        )
+    if stats.has_seeing and SEEING_OUTPUT not in card.output_names:
+        raise ModelUnavailableError(
+            f"model {card.name!r}: {path} has a seeing term but the card lists no "
+            f"{SEEING_OUTPUT!r} output (outputs: {card.output_names})"
         )
     return stats
 

@@ -15,9 +15,15 @@ that training data; the score is the larger of the two:
   Wrong units, a wrong zero point, an offset, bands in the wrong order or one
   band copied into all three show here even when the normalised image looks
   ordinary to the network.
+* **seeing** (statistics of method ``..._psf_v2`` only): the Mahalanobis
+  distance of each band's seeing FWHM, as a small network in the classifier's
+  graph estimates it from the cutout (its ONNX output ``psf_fwhm_log10_arcsec``,
+  log10 arcsec), to the estimates' mean on the training data. A PSF much
+  sharper or broader than the survey's shows here: nothing else in the score
+  measures the PSF where the cutout holds no point source.
 
 Each squared distance ``d2`` becomes ``(log(d2) - median) / (1.4826 MAD)`` with
-the median and MAD of ``log(d2)`` on the fit data, so both terms are in units of
+the median and MAD of ``log(d2)`` on the fit data, so every term is in units of
 the training data's own spread. The flag threshold comes from the model card.
 Pure numpy; no I/O beyond reading the statistics' bytes.
 """
@@ -35,7 +41,10 @@ from numpy.typing import NDArray
 from service.contract.preprocessing import BandLevels, _row_medians
 
 #: Identifier of the statistics and of the score's maths; bump it when either changes.
-OOD_METHOD_ID = "mahalanobis_features_inputs_v1"
+OOD_METHOD_ID = "mahalanobis_features_inputs_psf_v2"
+#: The two-term score of models 2.0.0-2.1.0 (no seeing term); still served.
+OOD_METHOD_ID_TWO_TERMS = "mahalanobis_features_inputs_v1"
+OOD_METHOD_IDS = (OOD_METHOD_ID, OOD_METHOD_ID_TWO_TERMS)
 
 #: Names of :func:`input_statistics`' entries, in order.
 INPUT_STATISTIC_NAMES: tuple[str, ...] = (
@@ -76,8 +85,13 @@ STATISTICS_ARRAYS: dict[str, str] = {
     "feature_precision": "(n_features, n_features) inverse of the shared (shrunk) covariance",
     "input_mean": "(n_inputs,) mean of the input statistics",
     "input_precision": "(n_inputs, n_inputs) inverse of their (shrunk) covariance",
-    "log_d2_median": "(2,) median of log(d2) on the fit data: features, inputs",
-    "log_d2_scale": "(2,) 1.4826 MAD of log(d2) on the fit data: features, inputs",
+    "log_d2_median": "(n_terms,) median of log(d2) on the fit data: features, inputs[, seeing]",
+    "log_d2_scale": "(n_terms,) 1.4826 MAD of log(d2) on the fit data, same order",
+}
+#: Arrays of the seeing term, present in statistics of method ``OOD_METHOD_ID`` only.
+SEEING_ARRAYS: dict[str, str] = {
+    "seeing_mean": "(n_bands,) mean of the estimated log10 seeing FWHM (arcsec) per band",
+    "seeing_precision": "(n_bands, n_bands) inverse of its (shrunk) covariance",
 }
 
 
@@ -326,6 +340,13 @@ class OodStatistics:
     input_precision: NDArray[np.float64]
     log_d2_median: NDArray[np.float64]
     log_d2_scale: NDArray[np.float64]
+    seeing_mean: NDArray[np.float64] | None = None
+    seeing_precision: NDArray[np.float64] | None = None
+
+    @property
+    def has_seeing(self) -> bool:
+        """Whether the score has the seeing term (and needs the seeing estimates)."""
+        return self.seeing_mean is not None
 
     @property
     def n_features(self) -> int:
@@ -333,47 +354,66 @@ class OodStatistics:
         return int(self.feature_means.shape[1])
 
     def squared_distances(
-        self, features: NDArray[np.floating], inputs: NDArray[np.floating]
+        self,
+        features: NDArray[np.floating],
+        inputs: NDArray[np.floating],
+        seeing: NDArray[np.floating] | None = None,
     ) -> NDArray[np.float64]:
-        """(n, 2) squared Mahalanobis distances: to the nearest class (features), inputs."""
+        """(n, n_terms) squared Mahalanobis distances: to the nearest class (features),
+        inputs and, with the seeing term, the seeing estimates (required then)."""
         features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
         inputs = np.asarray(inputs, dtype=np.float64).reshape(len(inputs), -1)
         d2_features = _squared_distances(features, self.feature_means, self.feature_precision)
         d2_inputs = _squared_distances(inputs, self.input_mean[None, :], self.input_precision)
-        return np.stack([d2_features.min(axis=1), d2_inputs[:, 0]], axis=1)
+        columns = [d2_features.min(axis=1), d2_inputs[:, 0]]
+        if self.seeing_mean is not None and self.seeing_precision is not None:
+            if seeing is None:
+                raise ValueError("these statistics have a seeing term: pass the seeing estimates")
+            seeing = np.asarray(seeing, dtype=np.float64).reshape(len(seeing), -1)
+            columns.append(
+                _squared_distances(seeing, self.seeing_mean[None, :], self.seeing_precision)[:, 0]
+            )
+        return np.stack(columns, axis=1)
 
     def terms(
-        self, features: NDArray[np.floating], inputs: NDArray[np.floating]
+        self,
+        features: NDArray[np.floating],
+        inputs: NDArray[np.floating],
+        seeing: NDArray[np.floating] | None = None,
     ) -> NDArray[np.float64]:
-        """(n, 2) standardised terms (features, inputs); non-finite values become +inf."""
-        d2 = self.squared_distances(features, inputs)
+        """(n, n_terms) standardised terms (features, inputs[, seeing]); non-finite values
+        become +inf."""
+        d2 = self.squared_distances(features, inputs, seeing)
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = (np.log(np.maximum(d2, 1e-12)) - self.log_d2_median) / self.log_d2_scale
         return np.where(np.isfinite(terms), terms, np.inf)
 
     def score(
-        self, features: NDArray[np.floating], inputs: NDArray[np.floating]
+        self,
+        features: NDArray[np.floating],
+        inputs: NDArray[np.floating],
+        seeing: NDArray[np.floating] | None = None,
     ) -> NDArray[np.float64]:
-        """(n,) score: the larger standardised term; higher means less like the training data.
+        """(n,) score: the largest standardised term; higher means less like the training data.
 
         Parameters
         ----------
         features : ndarray, shape (n, n_features)
             The classifier's ``features`` output.
-        inputs : ndarray, shape (n, 13)
+        inputs : ndarray, shape (n, 17)
             :func:`input_statistics` of each cutout.
+        seeing : ndarray, shape (n, n_bands), optional
+            The classifier's ``psf_fwhm_log10_arcsec`` output (log10 arcsec); required
+            when the statistics have the seeing term (:attr:`has_seeing`).
         """
-        return self.terms(features, inputs).max(axis=1)
+        return self.terms(features, inputs, seeing).max(axis=1)
 
     def to_bytes(self) -> bytes:
         """The statistics as an ``.npz`` file's bytes (float32, as shipped in ``models/``)."""
         buffer = io.BytesIO()
+        names = [*STATISTICS_ARRAYS, *(SEEING_ARRAYS if self.has_seeing else ())]
         np.savez(
-            buffer,
-            **{
-                name: np.asarray(getattr(self, name), dtype=np.float32)
-                for name in STATISTICS_ARRAYS
-            },
+            buffer, **{name: np.asarray(getattr(self, name), dtype=np.float32) for name in names}
         )
         return buffer.getvalue()
 
@@ -412,18 +452,25 @@ def read_ood_statistics(data: bytes) -> OodStatistics:
     """
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {name: np.asarray(npz[name], dtype=np.float64) for name in STATISTICS_ARRAYS}
+            names = [*STATISTICS_ARRAYS, *(n for n in SEEING_ARRAYS if n in npz.files)]
+            arrays = {name: np.asarray(npz[name], dtype=np.float64) for name in names}
     except (OSError, KeyError, ValueError) as exc:
         raise ValueError(f"not an out-of-distribution statistics file: {exc}") from exc
+    if 0 < len(names) - len(STATISTICS_ARRAYS) < len(SEEING_ARRAYS):
+        raise ValueError(f"the seeing term needs all of {list(SEEING_ARRAYS)}")
     stats = OodStatistics(**arrays)
     n_features, n_inputs = stats.n_features, len(INPUT_STATISTIC_NAMES)
+    n_terms = 3 if stats.has_seeing else 2
     shapes = {
         "feature_precision": (n_features, n_features),
         "input_mean": (n_inputs,),
         "input_precision": (n_inputs, n_inputs),
-        "log_d2_median": (2,),
-        "log_d2_scale": (2,),
+        "log_d2_median": (n_terms,),
+        "log_d2_scale": (n_terms,),
     }
+    if stats.seeing_mean is not None:
+        n_bands = len(stats.seeing_mean)
+        shapes.update(seeing_mean=(n_bands,), seeing_precision=(n_bands, n_bands))
     for name, shape in shapes.items():
         if arrays[name].shape != shape:
             raise ValueError(f"{name} has shape {arrays[name].shape}; expected {shape}")

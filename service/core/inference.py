@@ -603,7 +603,10 @@ def _out_of_distribution(
             inputs.append(cutout.input_statistics)
     if not rows:
         return answers
-    scores = models.ood.score(raw.features[rows], np.stack(inputs)).tolist()
+    if models.ood.has_seeing and raw.seeing is None:
+        return answers
+    seeing = None if raw.seeing is None or not models.ood.has_seeing else raw.seeing[rows]
+    scores = models.ood.score(raw.features[rows], np.stack(inputs), seeing).tolist()
     threshold = models.ood_threshold
     for i, score in zip(rows, scores, strict=True):
         answers[i] = OutOfDistribution(score=score, flag=score > threshold)

@@ -50,6 +50,7 @@ from service.contract.cards import (
     NUM_SAMPLES_INPUT,
     REGRESSOR_NAME,
     REQUIRED_OUTPUTS,
+    SEEING_OUTPUT,
     ModelSet,
     read_model_cards,
 )
@@ -81,6 +82,8 @@ class RawPredictions:
     """Shape (n, T): aleatoric log-variance of each pass (log arcsec^2)."""
     features: NDArray[np.float32] | None = None
     """Shape (n, F): the classifier trunk's features, when its card lists them."""
+    seeing: NDArray[np.float32] | None = None
+    """Shape (n, bands): estimated seeing FWHM (log10 arcsec), when the card lists it."""
 
     def __len__(self) -> int:
         return int(self.lens_probability.shape[0])
@@ -101,7 +104,13 @@ class RawPredictions:
             theta_E_samples=self.theta_E_samples[rows, columns],
             theta_E_log_variance_samples=self.theta_E_log_variance_samples[rows, columns],
             features=None if self.features is None else self.features[rows],
+            seeing=None if self.seeing is None else self.seeing[rows],
         )
+
+
+def _rows_of(values: NDArray | None, n: int) -> NDArray[np.float32] | None:
+    """An optional output as (n, k) float32 rows; None when the model does not give it."""
+    return None if values is None else np.asarray(values, dtype=np.float32).reshape(n, -1)
 
 
 class ModelRuntime(Protocol):
@@ -438,11 +447,18 @@ class OnnxModelRuntime:
             )
         images = np.ascontiguousarray(images)
         classifier_outputs = list(REQUIRED_OUTPUTS[CLASSIFIER_NAME])
-        if FEATURES_OUTPUT in self.models.classifier.output_names:
-            classifier_outputs.append(FEATURES_OUTPUT)
-        probability, *features = self._run(
-            self._sessions[CLASSIFIER_NAME], CLASSIFIER_NAME, {"image": images}, classifier_outputs
+        optional = [
+            name
+            for name in (FEATURES_OUTPUT, SEEING_OUTPUT)
+            if name in self.models.classifier.output_names
+        ]
+        probability, *optional_values = self._run(
+            self._sessions[CLASSIFIER_NAME],
+            CLASSIFIER_NAME,
+            {"image": images},
+            [*classifier_outputs, *optional],
         )
+        extra = dict(zip(optional, optional_values, strict=True))
         mc_session = self._sessions[MC_NAME] if seed is None else self._create_mc_session(seed=seed)
         mc_feeds = {"image": images, NUM_SAMPLES_INPUT: np.asarray(num_samples, dtype=np.int32)}
         mc_outputs = list(REQUIRED_OUTPUTS[MC_NAME])
@@ -462,7 +478,8 @@ class OnnxModelRuntime:
             parameters=np.asarray(parameters, dtype=np.float32),
             theta_E_samples=np.asarray(means, dtype=np.float32),
             theta_E_log_variance_samples=np.asarray(log_variances, dtype=np.float32),
-            features=np.asarray(features[0], dtype=np.float32).reshape(n, -1) if features else None,
+            features=_rows_of(extra.get(FEATURES_OUTPUT), n),
+            seeing=_rows_of(extra.get(SEEING_OUTPUT), n),
         )
         shapes = {
             "lens_probability": (result.lens_probability.shape, (n,)),

@@ -13,6 +13,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,53 @@ def test_the_score_is_the_larger_standardised_log_distance():
     np.testing.assert_allclose(stats.score(features, inputs), [np.log(4), np.log(9)], rtol=1e-6)
     inputs[1, 0] = np.nan
     assert stats.score(features, inputs)[1] == np.inf
+
+
+def _with_seeing(stats: OodStatistics) -> OodStatistics:
+    return replace(
+        stats,
+        seeing_mean=np.log10([1.0, 0.9, 0.85]),
+        seeing_precision=np.eye(3) / 0.1**2,
+        log_d2_median=np.zeros(3),
+        log_d2_scale=np.ones(3),
+    )
+
+
+def test_the_seeing_term_flags_a_psf_far_from_the_training_seeing():
+    stats = read_ood_statistics(_with_seeing(_toy_statistics()).to_bytes())
+    assert stats.has_seeing
+    features = np.array([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
+    inputs = np.zeros((2, len(INPUT_STATISTIC_NAMES)))
+    # The first cutout's seeing is the training mean; the second's is twice as broad.
+    seeing = np.log10([[1.0, 0.9, 0.85], [2.0, 1.8, 1.7]])
+    terms = stats.terms(features, inputs, seeing)
+    assert terms.shape == (2, 3)
+    # Squared distance of log10(2) in each band: 3 * (0.301 / 0.1)^2.
+    np.testing.assert_allclose(terms[1, 2], np.log(3 * (np.log10(2) / 0.1) ** 2), rtol=1e-5)
+    scores = stats.score(features, inputs, seeing)
+    assert scores[1] == terms[1, 2] > scores[0]
+    with pytest.raises(ValueError, match="seeing"):
+        stats.score(features, inputs)
+
+
+def test_two_term_statistics_still_read_and_ignore_seeing_estimates():
+    stats = read_ood_statistics(_toy_statistics().to_bytes())
+    assert not stats.has_seeing
+    features = np.array([[1.0, 0, 0, 0]])
+    inputs = np.zeros((1, len(INPUT_STATISTIC_NAMES)))
+    assert stats.terms(features, inputs, np.zeros((1, 3))).shape == (1, 2)
+
+
+def test_a_statistics_file_with_half_a_seeing_term_is_refused():
+    buffer = io.BytesIO()
+    arrays = {
+        k: np.asarray(v, dtype=np.float32)
+        for k, v in vars(_with_seeing(_toy_statistics())).items()
+        if k != "seeing_precision"
+    }
+    np.savez(buffer, **arrays)
+    with pytest.raises(ValueError, match="seeing term needs"):
+        read_ood_statistics(buffer.getvalue())
 
 
 def test_flagged_cutouts_get_their_epistemic_std_widened_by_score_over_threshold():
