@@ -8,6 +8,8 @@ DATA ?= data
 RUNS ?= runs
 TRAIN_CUTOUTS ?= 44000
 TEST_CUTOUTS ?= 6000
+# Cutouts with a seeing range far wider than DES's, for the OOD score's seeing estimator.
+SEEING_CUTOUTS ?= 12000
 # Folder of FITS cutouts for `make bench`: the repository's samples.
 BENCH_CUTOUTS ?= examples/cutouts/clean
 
@@ -52,9 +54,12 @@ loadtest: $(VENV)/.serve
 models: $(VENV)/.train
 	$(BIN)/python -m training simulate --out $(DATA)/train --n $(TRAIN_CUTOUTS) --seed 1
 	$(BIN)/python -m training simulate --out $(DATA)/test --n $(TEST_CUTOUTS) --seed 2
+	$(BIN)/python -m training simulate --out $(DATA)/seeing --n $(SEEING_CUTOUTS) --seed 4 \
+		--seeing-factor-range 0.3 3.3 --seeing-log-sigma 0.7
 	$(BIN)/python -m training train --data $(DATA)/train --runs $(RUNS)
 	$(BIN)/python -m training evaluate --data $(DATA)/test --runs $(RUNS)
 	$(BIN)/python -m training export --runs $(RUNS) --models models --data $(DATA)/train $(DATA)/test
+	$(BIN)/python -m training seeing --data $(DATA)/train $(DATA)/seeing --models models
 	$(BIN)/python -m training ood --models models --fit-data $(DATA)/train --threshold-data $(DATA)/test
 
 # The sample cutouts of examples/cutouts, bit for bit (training/samples.py).

@@ -235,7 +235,7 @@ class PredictResponse(BaseModel):
             "examples": [
                 {
                     "model_versions": {
-                        "lens_classifier": "2.1.0",
+                        "lens_classifier": "2.1.1",
                         "einstein_radius": "2.1.0",
                         "einstein_radius_mc": "2.1.0",
                     },

@@ -21,6 +21,10 @@ def _simulate(args: argparse.Namespace) -> None:
     if args.lens_kinds:
         known = [kind for kind, _ in config.lens_kinds]
         config = replace(config, lens_kinds=parse_kind_weights(args.lens_kinds, known))
+    if args.seeing_factor_range is not None:
+        config = replace(config, seeing_factor_range=tuple(args.seeing_factor_range))
+    if args.seeing_log_sigma is not None:
+        config = replace(config, seeing_log_sigma=args.seeing_log_sigma)
     started = time.perf_counter()
     simulate_dataset(config, Path(args.out), workers=args.workers)
     print(f"simulated {args.n} cutouts into {args.out} in {time.perf_counter() - started:.0f} s")
@@ -181,7 +185,10 @@ def _seeing(args: argparse.Namespace) -> None:
     from training.seeing import graft_into_classifier, train_seeing_estimator
 
     model, record = train_seeing_estimator(
-        Path(args.data), Path(args.val), epochs=args.epochs, seed=args.seed
+        [Path(d) for d in args.data],
+        Path(args.val) if args.val else None,
+        epochs=args.epochs,
+        seed=args.seed,
     )
     card = graft_into_classifier(Path(args.models), model, record)
     rmse = ", ".join(f"{b} {v:.4f}" for b, v in record["validation_rmse_log10"].items())
@@ -226,6 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--lens-kinds", default=None, help="kind=weight,... replacing SimulationConfig.lens_kinds"
+    )
+    simulate.add_argument(
+        "--seeing-factor-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="range of the per-object factor on DES's median seeing (default 0.72 1.6); "
+        "wide for the seeing estimator's data (training.seeing)",
+    )
+    simulate.add_argument(
+        "--seeing-log-sigma",
+        type=float,
+        default=None,
+        help="spread (natural log) of that factor before clipping (default 0.12)",
     )
     simulate.set_defaults(handler=_simulate)
 
@@ -382,8 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
         "seeing",
         help="train the seeing estimator of the OOD score and graft it into the classifier",
     )
-    seeing.add_argument("--data", required=True, help="training data folder")
-    seeing.add_argument("--val", required=True, help="validation folder (learning-rate schedule)")
+    seeing.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="training data folders: the survey's, and one simulated with a wide seeing range",
+    )
+    seeing.add_argument(
+        "--val", help="validation folder (learning-rate schedule); default: a tenth of --data"
+    )
     seeing.add_argument("--models", default="models", help="models folder (classifier in place)")
     seeing.add_argument("--epochs", type=int, default=6)
     seeing.add_argument("--seed", type=int, default=0)

@@ -54,6 +54,8 @@ from training.metrics import auroc, bootstrap_interval
 STATISTICS_FILE = "lens_classifier_ood.npz"
 #: Share (0-1) of the in-distribution threshold set the threshold flags.
 FLAGGED_FRACTION = 0.01
+#: Quantile of the fit data at which the seeing term's tail is matched to the others'.
+TAIL_QUANTILE = 0.99
 #: Shrinkage of each covariance towards its diagonal (fraction), so that the
 #: 256x256 feature covariance of a few thousand cutouts inverts stably.
 FEATURE_SHRINKAGE = 0.05
@@ -205,8 +207,26 @@ def fit_statistics(
     log_d2 = np.log(np.maximum(stats.squared_distances(features, inputs, seeing), 1e-12))
     median = np.median(log_d2, axis=0)
     scale = 1.4826 * np.median(np.abs(log_d2 - median), axis=0)
+    if seeing_arrays:
+        scale[2] = _tail_matched_scale(log_d2, median, scale)
     # Stored as float32 in models/: round-trip now so that fit and service agree exactly.
     return read_ood_statistics(replace(stats, log_d2_median=median, log_d2_scale=scale).to_bytes())
+
+
+def _tail_matched_scale(
+    log_d2: NDArray[np.float64], median: NDArray[np.float64], scale: NDArray[np.float64]
+) -> float:
+    """The seeing term's scale, set so that its upper tail on the fit data meets the others'.
+
+    The score is the largest term, so what counts is where each term's in-distribution
+    tail lies. Three log-normal-ish seeing estimates have a far lighter tail in
+    ``log d2`` than 256 features or 17 statistics, so the median/MAD scale left a PSF
+    twice as broad as DES's (d2 ~ 50) below the threshold the other terms set. Here the
+    seeing term's 99th percentile on the fit data is put where the two-term score's is.
+    """
+    two_terms = ((log_d2[:, :2] - median[:2]) / scale[:2]).max(axis=1)
+    seeing_tail = np.quantile(log_d2[:, 2], TAIL_QUANTILE) - median[2]
+    return float(seeing_tail / max(np.quantile(two_terms, TAIL_QUANTILE), 1e-6))
 
 
 def fit_ood(

@@ -32,6 +32,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert main(["train", "--data", str(data), "--runs", str(runs), "--quick"]) == 0
     assert main(["evaluate", "--data", str(data), "--runs", str(runs)]) == 0
     assert main(["export", "--runs", str(runs), "--models", str(models), "--data", str(data)]) == 0
+    _check_seeing_and_ood(models, data)
     _check_finetune(runs, data, tmp_path / "tuned")
     _check_finetune_classifier_from_models(models, data, tmp_path / "tuned_from_models")
     _check_recalibrate(tmp_path / "tuned", data)
@@ -60,6 +61,20 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert (models / "lens_classifier_roc.png").stat().st_size > 1000
     mc_metrics = json.loads((models / "einstein_radius_mc.json").read_text())["metrics"]
     assert 0.0 <= mc_metrics["coverage_68"] <= 1.0
+
+
+def _check_seeing_and_ood(models, data) -> None:
+    """seeing grafts the estimator into the classifier; ood then fits the three-term score."""
+    from service.contract.cards import SEEING_OUTPUT, read_model_cards
+    from service.contract.ood import OOD_METHOD_ID
+
+    assert main(["seeing", "--data", str(data), "--models", str(models), "--epochs", "1"]) == 0
+    command = ["ood", "--models", str(models), "--fit-data", str(data)]
+    assert main([*command, "--threshold-data", str(data)]) == 0
+    model_set = read_model_cards(models)
+    assert SEEING_OUTPUT in model_set.classifier.output_names
+    assert model_set.ood is not None and model_set.ood.has_seeing
+    assert model_set.classifier.out_of_distribution.method == OOD_METHOD_ID
 
 
 def _check_finetune(runs, data, tuned) -> None:
