@@ -174,6 +174,7 @@ def _ood(args: argparse.Namespace) -> None:
         [Path(d) for d in args.fit_data],
         [Path(d) for d in args.threshold_data],
         flagged_fraction=args.flagged_fraction,
+        tail_quantile=args.seeing_tail_quantile,
     )
     print(
         f"threshold {entry['threshold']:.4f} flags {entry['flagged_fraction']:.2%} of the "
@@ -391,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ood.add_argument(
         "--flagged-fraction", type=float, default=0.01, help="share of the threshold data flagged"
+    )
+    ood.add_argument(
+        "--seeing-tail-quantile",
+        type=float,
+        default=0.99,
+        help="quantile of the fit data at which the seeing term's tail meets the others'",
     )
     ood.add_argument(
         "--reexport-classifier",

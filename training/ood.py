@@ -173,6 +173,8 @@ def fit_statistics(
     inputs: NDArray[np.floating],
     is_lens: NDArray[np.bool_],
     seeing: NDArray[np.floating] | None = None,
+    *,
+    tail_quantile: float = TAIL_QUANTILE,
 ) -> OodStatistics:
     """Class means and shared covariance of the features; Gaussians of the inputs and, when
     given, of the seeing estimates (log10 arcsec, one column per band).
@@ -208,13 +210,16 @@ def fit_statistics(
     median = np.median(log_d2, axis=0)
     scale = 1.4826 * np.median(np.abs(log_d2 - median), axis=0)
     if seeing_arrays:
-        scale[2] = _tail_matched_scale(log_d2, median, scale)
+        scale[2] = _tail_matched_scale(log_d2, median, scale, tail_quantile)
     # Stored as float32 in models/: round-trip now so that fit and service agree exactly.
     return read_ood_statistics(replace(stats, log_d2_median=median, log_d2_scale=scale).to_bytes())
 
 
 def _tail_matched_scale(
-    log_d2: NDArray[np.float64], median: NDArray[np.float64], scale: NDArray[np.float64]
+    log_d2: NDArray[np.float64],
+    median: NDArray[np.float64],
+    scale: NDArray[np.float64],
+    quantile: float,
 ) -> float:
     """The seeing term's scale, set so that its upper tail on the fit data meets the others'.
 
@@ -222,11 +227,11 @@ def _tail_matched_scale(
     tail lies. Three log-normal-ish seeing estimates have a far lighter tail in
     ``log d2`` than 256 features or 17 statistics, so the median/MAD scale left a PSF
     twice as broad as DES's (d2 ~ 50) below the threshold the other terms set. Here the
-    seeing term's 99th percentile on the fit data is put where the two-term score's is.
+    seeing term's ``quantile`` on the fit data is put where the two-term score's is.
     """
     two_terms = ((log_d2[:, :2] - median[:2]) / scale[:2]).max(axis=1)
-    seeing_tail = np.quantile(log_d2[:, 2], TAIL_QUANTILE) - median[2]
-    return float(seeing_tail / max(np.quantile(two_terms, TAIL_QUANTILE), 1e-6))
+    seeing_tail = np.quantile(log_d2[:, 2], quantile) - median[2]
+    return float(seeing_tail / max(np.quantile(two_terms, quantile), 1e-6))
 
 
 def fit_ood(
@@ -235,6 +240,7 @@ def fit_ood(
     threshold_dirs: list[Path],
     *,
     flagged_fraction: float = FLAGGED_FRACTION,
+    tail_quantile: float = TAIL_QUANTILE,
 ) -> dict:
     """Fit the statistics on ``fit_dirs``, set the threshold on ``threshold_dirs``, write both.
 
@@ -246,6 +252,7 @@ def fit_ood(
         np.concatenate([s.inputs for s in fits]),
         np.concatenate([s.is_lens for s in fits]),
         _seeing_of(fits),
+        tail_quantile=tail_quantile,
     )
     held_out = [score_dataset(models_dir, d) for d in threshold_dirs]
     scores = stats.score(
@@ -263,6 +270,7 @@ def fit_ood(
         "threshold": threshold,
         "flagged_fraction": float(np.mean(scores > threshold)),
         "target_flagged_fraction": flagged_fraction,
+        "seeing_tail_quantile": tail_quantile if stats.has_seeing else None,
         "input_statistics": list(INPUT_STATISTIC_NAMES),
         "fit_data": _describe(fit_dirs, fits),
         "threshold_data": _describe(threshold_dirs, held_out),
