@@ -175,6 +175,7 @@ def _ood(args: argparse.Namespace) -> None:
         [Path(d) for d in args.threshold_data],
         flagged_fraction=args.flagged_fraction,
         tail_quantile=args.seeing_tail_quantile,
+        seeing_offset=args.seeing_offset,
     )
     print(
         f"threshold {entry['threshold']:.4f} flags {entry['flagged_fraction']:.2%} of the "
@@ -398,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.99,
         help="quantile of the fit data at which the seeing term's tail meets the others'",
+    )
+    ood.add_argument(
+        "--seeing-offset",
+        type=float,
+        default=2.0,
+        help="score units the seeing term is lowered by, so it counts only far out",
     )
     ood.add_argument(
         "--reexport-classifier",

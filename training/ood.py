@@ -56,6 +56,8 @@ STATISTICS_FILE = "lens_classifier_ood.npz"
 FLAGGED_FRACTION = 0.01
 #: Quantile of the fit data at which the seeing term's tail is matched to the others'.
 TAIL_QUANTILE = 0.99
+#: Score units the seeing term is lowered by (chosen on validation sets, docs/ood.md).
+SEEING_OFFSET = 2.0
 #: Shrinkage of each covariance towards its diagonal (fraction), so that the
 #: 256x256 feature covariance of a few thousand cutouts inverts stably.
 FEATURE_SHRINKAGE = 0.05
@@ -175,6 +177,7 @@ def fit_statistics(
     seeing: NDArray[np.floating] | None = None,
     *,
     tail_quantile: float = TAIL_QUANTILE,
+    seeing_offset: float = SEEING_OFFSET,
 ) -> OodStatistics:
     """Class means and shared covariance of the features; Gaussians of the inputs and, when
     given, of the seeing estimates (log10 arcsec, one column per band).
@@ -211,6 +214,9 @@ def fit_statistics(
     scale = 1.4826 * np.median(np.abs(log_d2 - median), axis=0)
     if seeing_arrays:
         scale[2] = _tail_matched_scale(log_d2, median, scale, tail_quantile)
+        # A hinge: the term counts only past ``seeing_offset`` of its units, so that its
+        # in-distribution tail seldom tops the others' (docs/ood.md).
+        median[2] += seeing_offset * scale[2]
     # Stored as float32 in models/: round-trip now so that fit and service agree exactly.
     return read_ood_statistics(replace(stats, log_d2_median=median, log_d2_scale=scale).to_bytes())
 
@@ -241,6 +247,7 @@ def fit_ood(
     *,
     flagged_fraction: float = FLAGGED_FRACTION,
     tail_quantile: float = TAIL_QUANTILE,
+    seeing_offset: float = SEEING_OFFSET,
 ) -> dict:
     """Fit the statistics on ``fit_dirs``, set the threshold on ``threshold_dirs``, write both.
 
@@ -253,6 +260,7 @@ def fit_ood(
         np.concatenate([s.is_lens for s in fits]),
         _seeing_of(fits),
         tail_quantile=tail_quantile,
+        seeing_offset=seeing_offset,
     )
     held_out = [score_dataset(models_dir, d) for d in threshold_dirs]
     scores = stats.score(
@@ -271,6 +279,7 @@ def fit_ood(
         "flagged_fraction": float(np.mean(scores > threshold)),
         "target_flagged_fraction": flagged_fraction,
         "seeing_tail_quantile": tail_quantile if stats.has_seeing else None,
+        "seeing_offset": seeing_offset if stats.has_seeing else None,
         "input_statistics": list(INPUT_STATISTIC_NAMES),
         "fit_data": _describe(fit_dirs, fits),
         "threshold_data": _describe(threshold_dirs, held_out),

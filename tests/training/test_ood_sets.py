@@ -31,6 +31,26 @@ def test_fitted_statistics_standardise_the_fit_data_and_separate_a_shifted_class
     assert auroc(labels, np.r_[terms.max(axis=1), far]) > 0.99
 
 
+def test_the_seeing_term_meets_the_others_tail_less_its_offset_and_flags_a_broad_psf():
+    rng = np.random.default_rng(5)
+    n, d = 4000, 8
+    is_lens = np.arange(n) < n // 2
+    features = rng.standard_normal((n, d)) + np.where(is_lens[:, None], 2.0, -2.0)
+    inputs = rng.standard_normal((n, len(INPUT_STATISTIC_NAMES)))
+    seeing = rng.normal(np.log10([1.1, 1.0, 0.95]), 0.05, (n, 3))
+    stats = fit_statistics(features, inputs, is_lens, seeing, tail_quantile=0.99, seeing_offset=2.0)
+    terms = stats.terms(features, inputs, seeing)
+    two_terms = terms[:, :2].max(axis=1)
+    # Float32 storage moves the quantiles by ~1e-6 relative.
+    assert np.quantile(terms[:, 2], 0.99) == pytest.approx(
+        np.quantile(two_terms, 0.99) - 2.0, abs=1e-3
+    )
+    broad = seeing[:200] + np.log10(2.0)  # the same cutouts seen through a PSF twice as broad
+    scores = stats.score(features[:200], inputs[:200], broad)
+    threshold = np.quantile(stats.score(features, inputs, seeing), 0.99)
+    assert np.mean(scores > threshold) > 0.95
+
+
 def test_bootstrap_interval_covers_the_statistic():
     rng = np.random.default_rng(4)
     values = rng.normal(1.0, 1.0, 400)
