@@ -242,11 +242,9 @@ def _clean_cube(path: Path) -> np.ndarray:
 
 #: Least share of the 12 derived cubes flagged. Noise alone is the hardest kind at the 1%
 #: threshold: docs/ood.md measures about two thirds of noise-only cutouts flagged (AUROC 0.99).
-#: Reversed bands sit near the threshold: all 12 were flagged at the two-term score's
-#: (5.12), 7 at the three-term score's (5.82; its seeing term adds in-distribution tail).
 MIN_FLAGGED = {
     "noise_only": 0.75,
-    "bands_reversed": 0.5,
+    "bands_reversed": 1.0,
     "one_band_copied": 1.0,
     "magnitudes": 1.0,
     "counts_offset": 1.0,
