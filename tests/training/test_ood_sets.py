@@ -12,12 +12,17 @@ from training.ood import fit_statistics
 from training.ood_sets import counts_offset, magnitudes, one_band_copied, write_ood_sets
 
 
+def _two_classes(rng: np.random.Generator, n: int, d: int):
+    """Features of two classes 4 apart in every dimension, and standard-normal inputs."""
+    is_lens = np.arange(n) < n // 2
+    features = rng.standard_normal((n, d)) + np.where(is_lens[:, None], 2.0, -2.0)
+    return features, rng.standard_normal((n, len(INPUT_STATISTIC_NAMES))), is_lens
+
+
 def test_fitted_statistics_standardise_the_fit_data_and_separate_a_shifted_class():
     rng = np.random.default_rng(3)
     n, d = 4000, 8
-    is_lens = np.arange(n) < n // 2
-    features = rng.standard_normal((n, d)) + np.where(is_lens[:, None], 2.0, -2.0)
-    inputs = rng.standard_normal((n, len(INPUT_STATISTIC_NAMES)))
+    features, inputs, is_lens = _two_classes(rng, n, d)
     stats = fit_statistics(features, inputs, is_lens)
     # Class means recovered to about 4/sqrt(2000) ~ 0.09 (float32 storage aside).
     np.testing.assert_allclose(stats.feature_means[0], 2.0, atol=0.1)
@@ -33,10 +38,8 @@ def test_fitted_statistics_standardise_the_fit_data_and_separate_a_shifted_class
 
 def test_the_seeing_term_meets_the_others_tail_less_its_offset_and_flags_a_broad_psf():
     rng = np.random.default_rng(5)
-    n, d = 4000, 8
-    is_lens = np.arange(n) < n // 2
-    features = rng.standard_normal((n, d)) + np.where(is_lens[:, None], 2.0, -2.0)
-    inputs = rng.standard_normal((n, len(INPUT_STATISTIC_NAMES)))
+    n = 4000
+    features, inputs, is_lens = _two_classes(rng, n, 8)
     seeing = rng.normal(np.log10([1.1, 1.0, 0.95]), 0.05, (n, 3))
     stats = fit_statistics(features, inputs, is_lens, seeing, tail_quantile=0.99, seeing_offset=2.0)
     terms = stats.terms(features, inputs, seeing)
