@@ -2,7 +2,7 @@
 
 Two terms, each a Mahalanobis distance to statistics fitted on simulated
 training cutouts (``python -m training ood``), each robustly standardised on
-that training data; the score is the larger of the two:
+that training data; the score is the largest of them:
 
 * **image features**: the class-conditional Mahalanobis distance of the
   classifier trunk's feature vector (its ONNX output ``features``) to the mean
@@ -24,7 +24,9 @@ that training data; the score is the larger of the two:
 
 Each squared distance ``d2`` becomes ``(log(d2) - median) / (1.4826 MAD)`` with
 the median and MAD of ``log(d2)`` on the fit data, so every term is in units of
-the training data's own spread. The flag threshold comes from the model card.
+the training data's own spread; the seeing term's median and scale are set at the
+fit instead (its tail matched to the others', then lowered: ``training.ood``), the
+arithmetic here is the same. The flag threshold comes from the model card.
 Pure numpy; no I/O beyond reading the statistics' bytes.
 """
 
@@ -85,8 +87,8 @@ STATISTICS_ARRAYS: dict[str, str] = {
     "feature_precision": "(n_features, n_features) inverse of the shared (shrunk) covariance",
     "input_mean": "(n_inputs,) mean of the input statistics",
     "input_precision": "(n_inputs, n_inputs) inverse of their (shrunk) covariance",
-    "log_d2_median": "(n_terms,) median of log(d2) on the fit data: features, inputs[, seeing]",
-    "log_d2_scale": "(n_terms,) 1.4826 MAD of log(d2) on the fit data, same order",
+    "log_d2_median": "(n_terms,) centre of log(d2) per term: features, inputs[, seeing]",
+    "log_d2_scale": "(n_terms,) scale of log(d2) per term, same order",
 }
 #: Arrays of the seeing term, present in statistics of method ``OOD_METHOD_ID`` only.
 SEEING_ARRAYS: dict[str, str] = {
