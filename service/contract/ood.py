@@ -1,6 +1,6 @@
 """The out-of-distribution score: how unlike the training data a cutout is.
 
-Two terms, each a Mahalanobis distance to statistics fitted on simulated
+Two or three terms, each a Mahalanobis distance to statistics fitted on simulated
 training cutouts (``python -m training ood``), each robustly standardised on
 that training data; the score is the largest of them:
 
