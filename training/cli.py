@@ -8,7 +8,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from service.contract.cards import CLASSIFIER_NAME, MC_NAME, REGRESSOR_NAME
 from training.config import PRESETS, SAMPLES_SEED, SimulationConfig
+
+_MODEL_NAMES = (CLASSIFIER_NAME, REGRESSOR_NAME, MC_NAME)
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -157,8 +160,21 @@ def _second_generator(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from training.export import export_all
+    from training.seeing import graft_into_classifier, grafted_estimator
 
-    export_all(Path(args.runs), Path(args.models), data_dirs=[Path(d) for d in args.data])
+    models = Path(args.models)
+    # A new classifier keeps the seeing estimator the old one had (read before the card goes).
+    kept_seeing = grafted_estimator(models) if CLASSIFIER_NAME in args.only else None
+    export_all(
+        Path(args.runs),
+        models,
+        data_dirs=[Path(d) for d in args.data],
+        names=tuple(args.only),
+        **({"version": args.version} if args.version else {}),
+    )
+    if kept_seeing is not None:
+        card = graft_into_classifier(models, *kept_seeing)
+        print(f"grafted the classifier's seeing estimator into the new one; updated {card}")
 
 
 def _ood(args: argparse.Namespace) -> None:
@@ -280,7 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument("--data", required=True, help="training data directory")
     finetune.add_argument("--out", required=True, help="directory for the new run")
-    finetune.add_argument("--epochs", type=int, default=8)
+    finetune.add_argument(
+        "--epochs",
+        type=int,
+        default=8,
+        help="regressor epochs (0: keep the regressor and the MC model, a classifier-only round)",
+    )
     finetune.add_argument("--learning-rate", type=float, default=2e-4, help="peak (cosine)")
     finetune.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     finetune.add_argument(
@@ -376,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--models", default="models")
     export.add_argument(
         "--data", nargs="+", default=[], help="train/test data dirs (for the cards)"
+    )
+    export.add_argument(
+        "--only",
+        nargs="+",
+        choices=_MODEL_NAMES,
+        default=list(_MODEL_NAMES),
+        help="export these models only; the others' files in --models stay as they are",
+    )
+    export.add_argument(
+        "--version", default=None, help="the cards' version (default: training.export's)"
     )
     export.set_defaults(handler=_export)
 

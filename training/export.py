@@ -259,6 +259,7 @@ def model_card(
     metrics: dict,
     training: dict,
     data_dirs: list[Path],
+    version: str = MODEL_VERSION,
 ) -> ModelCard:
     """The card of model ``name``, validated by the schema the service reads cards with.
 
@@ -268,7 +269,7 @@ def model_card(
     """
     card = {
         "name": name,
-        "version": MODEL_VERSION,
+        "version": version,
         "description": _DESCRIPTIONS[name],
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
@@ -307,8 +308,19 @@ def model_card(
     return ModelCard.model_validate(card)
 
 
-def export_all(runs_dir: Path, models_dir: Path, *, data_dirs: list[Path]) -> list[Path]:
-    """Write ``<name>.onnx``, ``<name>.keras`` and ``<name>.json`` for each model."""
+def export_all(
+    runs_dir: Path,
+    models_dir: Path,
+    *,
+    data_dirs: list[Path],
+    names: tuple[str, ...] = tuple(RUN_FILES),
+    version: str = MODEL_VERSION,
+) -> list[Path]:
+    """Write ``<name>.onnx``, ``<name>.keras`` and ``<name>.json`` for each of ``names``.
+
+    A subset replaces those models and leaves the others' files as they are (a
+    classifier-only round gives the classifier a new ``version``, not the others).
+    """
     models_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = runs_dir / METRICS_FILE
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
@@ -316,7 +328,8 @@ def export_all(runs_dir: Path, models_dir: Path, *, data_dirs: list[Path]) -> li
     training = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     cards = []
     regressor = keras.saving.load_model(runs_dir / RUN_FILES["einstein_radius"], compile=False)
-    for name, keras_file in RUN_FILES.items():
+    for name in names:
+        keras_file = RUN_FILES[name]
         model = keras.saving.load_model(runs_dir / keras_file, compile=False)
         onnx_path = models_dir / f"{name}.onnx"
         export_onnx(name, model, onnx_path, regressor=regressor)
@@ -330,6 +343,7 @@ def export_all(runs_dir: Path, models_dir: Path, *, data_dirs: list[Path]) -> li
             metrics=metrics,
             training=training,
             data_dirs=data_dirs,
+            version=version,
         )
         card_path = models_dir / f"{name}.json"
         card_path.write_text(dump_model_card(card))

@@ -5,7 +5,8 @@ another simulated set at a low learning rate, on any backend, CPU included:
 the way to teach shipped models new populations (stars, quasars, artefacts)
 without training from scratch. The MC head is retrained on the new trunk and
 recalibrated, because the MC model must share the regressor's trunk exactly;
-with ``classifier_epochs=0`` the classifier is copied unchanged.
+with ``classifier_epochs=0`` the classifier is copied unchanged, and with
+``epochs=0`` the regressor and the MC model are (a classifier-only round).
 
 ``runs_in`` is a training run (``training.json`` beside the .keras files) or a
 ``models/`` folder, whose MC card carries the same training summary.
@@ -21,10 +22,11 @@ from pathlib import Path
 
 import keras
 
-from training.config import PRESETS, ModelConfig
+from training.config import PRESETS, ModelConfig, TrainingConfig
 from training.train import (
     RUN_FILES,
     TRAINING_SUMMARY,
+    Split,
     fit_classifier,
     fit_regressor,
     split_for_training,
@@ -67,18 +69,24 @@ def finetune_regressor(
     runs_out.mkdir(parents=True, exist_ok=True)
     train, valid, lenses_train, lenses_valid = split_for_training(data_dir, config)
 
-    regressor = keras.saving.load_model(runs_in / RUN_FILES["einstein_radius"], compile=False)
-    history = fit_regressor(
-        regressor,
-        lenses_train,
-        lenses_valid,
-        config,
-        epochs=epochs,
-        peak_learning_rate=learning_rate,
-        seed=config.seed + 11,
-        ema_momentum=ema_momentum,
-    )
-    regressor.save(runs_out / RUN_FILES["einstein_radius"])
+    if epochs > 0:
+        summary.update(
+            _finetune_regressor_and_mc(
+                runs_in,
+                runs_out,
+                lenses_train,
+                lenses_valid,
+                model_config,
+                config,
+                epochs=epochs,
+                learning_rate=learning_rate,
+                ema_momentum=ema_momentum,
+                data_dir=data_dir,
+            )
+        )
+    else:
+        for name in ("einstein_radius", "einstein_radius_mc"):
+            shutil.copy(runs_in / RUN_FILES[name], runs_out / RUN_FILES[name])
     classifier_path = runs_out / RUN_FILES["lens_classifier"]
     if classifier_epochs > 0:
         classifier = keras.saving.load_model(runs_in / RUN_FILES["lens_classifier"], compile=False)
@@ -105,19 +113,51 @@ def finetune_regressor(
         }
     else:
         shutil.copy(runs_in / RUN_FILES["lens_classifier"], classifier_path)
-    mc_model, scale = train_mc_model(regressor, lenses_train, lenses_valid, model_config, config)
-    mc_model.save(runs_out / RUN_FILES["einstein_radius_mc"])
-
-    summary["aleatoric_calibration_factor"] = scale
-    summary["fine_tuned_regressor"] = {
-        "from_runs": str(runs_in),
-        "data_dir": str(data_dir),
-        "epochs": epochs,
-        "peak_learning_rate": learning_rate,
-        "ema_momentum": ema_momentum,
-        "n_train_lenses": int(len(lenses_train.images)),
-        "val_loss": [float(v) for v in history.history["val_loss"]],
-        "mc_head": "retrained on the fine-tuned trunk and recalibrated",
-    }
     (runs_out / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _finetune_regressor_and_mc(
+    runs_in: Path,
+    runs_out: Path,
+    lenses_train: Split,
+    lenses_valid: Split,
+    model_config: ModelConfig,
+    config: TrainingConfig,
+    *,
+    epochs: int,
+    learning_rate: float,
+    ema_momentum: float | None,
+    data_dir: Path,
+) -> dict:
+    """Resume the regressor, then retrain and recalibrate the MC head on its new trunk.
+
+    Returns the summary entries this changes.
+    """
+    regressor = keras.saving.load_model(runs_in / RUN_FILES["einstein_radius"], compile=False)
+    history = fit_regressor(
+        regressor,
+        lenses_train,
+        lenses_valid,
+        config,
+        epochs=epochs,
+        peak_learning_rate=learning_rate,
+        seed=config.seed + 11,
+        ema_momentum=ema_momentum,
+    )
+    regressor.save(runs_out / RUN_FILES["einstein_radius"])
+    mc_model, scale = train_mc_model(regressor, lenses_train, lenses_valid, model_config, config)
+    mc_model.save(runs_out / RUN_FILES["einstein_radius_mc"])
+    return {
+        "aleatoric_calibration_factor": scale,
+        "fine_tuned_regressor": {
+            "from_runs": str(runs_in),
+            "data_dir": str(data_dir),
+            "epochs": epochs,
+            "peak_learning_rate": learning_rate,
+            "ema_momentum": ema_momentum,
+            "n_train_lenses": int(len(lenses_train.images)),
+            "val_loss": [float(v) for v in history.history["val_loss"]],
+            "mc_head": "retrained on the fine-tuned trunk and recalibrated",
+        },
+    }

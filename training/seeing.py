@@ -156,6 +156,22 @@ def _described(data_dir: Path) -> dict:
     }
 
 
+def grafted_estimator(models_dir: Path) -> tuple[keras.Model, dict] | None:
+    """The estimator grafted into ``models_dir``'s classifier and its card record; None if none.
+
+    For a new classifier that keeps the estimator: the seeing network does not
+    depend on the classifier's weights, so it is grafted again, not retrained.
+    """
+    card_path = models_dir / f"{CLASSIFIER_NAME}.json"
+    if not card_path.exists():
+        return None
+    card = json.loads(card_path.read_text())
+    if "seeing_estimator" not in card or not (models_dir / KERAS_FILE).exists():
+        return None
+    record = {k: v for k, v in card["seeing_estimator"].items() if k != "keras_file"}
+    return keras.saving.load_model(models_dir / KERAS_FILE, compile=False), record
+
+
 def graft_into_classifier(models_dir: Path, model: keras.Model, record: dict) -> Path:
     """Add ``model`` to the classifier's ONNX graph as output ``psf_fwhm_log10_arcsec``.
 

@@ -61,6 +61,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert (models / "lens_classifier_roc.png").stat().st_size > 1000
     mc_metrics = json.loads((models / "einstein_radius_mc.json").read_text())["metrics"]
     assert 0.0 <= mc_metrics["coverage_68"] <= 1.0
+    _check_classifier_round(models, data, tmp_path / "tuned_from_models", image)
 
 
 def _check_seeing_and_ood(models, data) -> None:
@@ -102,12 +103,15 @@ def _check_finetune(runs, data, tuned) -> None:
 
 
 def _check_finetune_classifier_from_models(models, data, tuned) -> None:
-    """finetune starts from a models/ folder (its MC card's training summary) and, with
-    --classifier-epochs, moves the classifier's weights too."""
+    """finetune starts from a models/ folder (its MC card's training summary); with
+    --classifier-epochs it moves the classifier's weights, and with --epochs 0 it keeps the
+    regressor and the MC model as they were (a classifier-only round)."""
     import keras
 
     command = ["finetune", "--runs", str(models), "--data", str(data), "--out", str(tuned)]
-    assert main([*command, "--epochs", "1", "--preset", "cpu", "--classifier-epochs", "1"]) == 0
+    assert main([*command, "--epochs", "0", "--preset", "cpu", "--classifier-epochs", "1"]) == 0
+    for kept in ("einstein_radius.keras", "einstein_radius_mc.keras"):
+        assert (tuned / kept).read_bytes() == (models / kept).read_bytes()
 
     def weights(folder):
         model = keras.saving.load_model(folder / "lens_classifier.keras", compile=False)
@@ -118,6 +122,7 @@ def _check_finetune_classifier_from_models(models, data, tuned) -> None:
     summary = json.loads((tuned / "training.json").read_text())
     assert summary["fine_tuned_classifier"]["epochs"] == 1
     assert len(summary["fine_tuned_classifier"]["val_auroc"]) == 1
+    assert "fine_tuned_regressor" not in summary
 
 
 def _check_recalibrate(run, data) -> None:
@@ -140,3 +145,31 @@ def _check_recalibrate(run, data) -> None:
     factor = summary["aleatoric_calibration_factor"]
     assert affine.offset[1] == pytest.approx(2 * np.log(factor), rel=1e-6)
     assert summary["aleatoric_calibration_data"]["n_lenses"] == 80
+
+
+def _check_classifier_round(models, data, tuned, image) -> None:
+    """A classifier-only round: export --only the classifier under a new version (which grafts
+    the seeing estimator the old one had), refit the score; the regressor's and MC model's
+    files stay."""
+    from service.contract.cards import SEEING_OUTPUT, read_model_cards
+
+    def seeing_output():
+        session = ort.InferenceSession(
+            str(models / "lens_classifier.onnx"), providers=["CPUExecutionProvider"]
+        )
+        return session.run([SEEING_OUTPUT], {"image": image})[0]
+
+    kept = {
+        f.name: f.read_bytes() for f in models.iterdir() if f.name.startswith("einstein_radius")
+    }
+    seeing_before = seeing_output()
+    command = ["export", "--runs", str(tuned), "--models", str(models), "--data", str(data)]
+    assert main([*command, "--only", "lens_classifier", "--version", "9.9.9"]) == 0
+    command = ["ood", "--models", str(models), "--fit-data", str(data)]
+    assert main([*command, "--threshold-data", str(data)]) == 0
+
+    assert {name: (models / name).read_bytes() for name in kept} == kept
+    model_set = read_model_cards(models)
+    assert model_set.classifier.version == "9.9.9"
+    assert model_set.regressor.version != "9.9.9"
+    np.testing.assert_array_equal(seeing_output(), seeing_before)
