@@ -149,11 +149,14 @@ def _noise_correlations(data: NDArray[np.float64], sigma: NDArray[np.float64]) -
     with np.errstate(invalid="ignore"):  # NaN compares False: masked pixels drop out
         sky = (np.abs(data[..., 1:-1]) <= _SKY_SIGMA * band_sigma).all(axis=1)
         good = sky[:, None] & (np.abs(second) <= _DIFFERENCE_CLIP_SIGMA * np.sqrt(6.0) * band_sigma)
-    pairs = ((0, 1), (1, 2), (0, 2))
-    return np.stack(
-        [_masked_pearson(second[:, a], second[:, b], good[:, a] & good[:, b]) for a, b in pairs],
-        axis=1,
+    first, other = [0, 1, 0], [1, 2, 2]  # the pairs g-r, r-i, g-i, in one call
+    rows = len(data) * len(first)
+    correlations = _masked_pearson(
+        second[:, first].reshape(rows, -1),
+        second[:, other].reshape(rows, -1),
+        (good[:, first] & good[:, other]).reshape(rows, -1),
     )
+    return correlations.reshape(len(data), len(first))
 
 
 def _noise_autocorrelation(data: NDArray[np.float64], sigma: NDArray[np.float64]) -> NDArray:
@@ -300,7 +303,7 @@ def _input_statistics(
     cy, cx = data.shape[2] // 2, data.shape[3] // 2
     h = _CENTRAL_HALF_WIDTH
     central = np.nansum(data[:, :, cy - h : cy + h + 1, cx - h : cx + h + 1], axis=(2, 3))
-    softening = (2 * h + 1) * np.median(sigma, axis=1)
+    softening = (2 * h + 1) * _row_medians(sigma)  # finite: sigma is floored
     asinh_mag = np.arcsinh(central / softening[:, None])
     peak = np.nan_to_num(np.nanmax(flat, axis=2) if np.isnan(flat).any() else flat.max(axis=2))
     brightest = np.argmax(peak / sigma, axis=1)
