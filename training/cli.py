@@ -28,6 +28,10 @@ def _simulate(args: argparse.Namespace) -> None:
         config = replace(config, seeing_factor_range=tuple(args.seeing_factor_range))
     if args.seeing_log_sigma is not None:
         config = replace(config, seeing_log_sigma=args.seeing_log_sigma)
+    if args.lens_fraction is not None:
+        config = replace(config, lens_fraction=args.lens_fraction)
+    if args.theta_e_range is not None:
+        config = replace(config, theta_E_arcsec=tuple(args.theta_e_range))
     started = time.perf_counter()
     simulate_dataset(config, Path(args.out), workers=args.workers)
     print(f"simulated {args.n} cutouts into {args.out} in {time.perf_counter() - started:.0f} s")
@@ -251,6 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument(
         "--lens-kinds", default=None, help="kind=weight,... replacing SimulationConfig.lens_kinds"
+    )
+    simulate.add_argument(
+        "--lens-fraction",
+        type=float,
+        default=None,
+        help="share of lenses (default 0.5); 1 for a regressor's set",
+    )
+    simulate.add_argument(
+        "--theta-e-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="Einstein radius range of the lenses, arcsec (default 0.45 3.2); wider for "
+        "training, so that the evaluated range's ends are not the prior's",
     )
     simulate.add_argument(
         "--seeing-factor-range",
