@@ -235,9 +235,9 @@ class PredictResponse(BaseModel):
             "examples": [
                 {
                     "model_versions": {
-                        "lens_classifier": "2.1.1",
-                        "einstein_radius": "2.1.0",
-                        "einstein_radius_mc": "2.1.0",
+                        "lens_classifier": "2.2.0",
+                        "einstein_radius": "2.2.0",
+                        "einstein_radius_mc": "2.2.0",
                     },
                     "results": [_EXAMPLE_RESULT, _EXAMPLE_FAILED_RESULT],
                 }
