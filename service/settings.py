@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     per cutout) stays under it, else refused with 503 ``overloaded`` before its body is read,
     with a ``Retry-After`` of that wait (seconds)."""
 
+    refusal_delay_s: float = Field(default=0.25, ge=0.0, le=10.0)
+    """How long an admission refusal waits before its 503 is sent. A client that retries
+    at once otherwise sends thousands of requests a second that the event loop must read
+    and refuse, which slows the admitted work, raises the measured service time and so
+    refuses more; a sleeping refusal costs no CPU (seconds; 0 answers at once)."""
+
     max_body_bytes_in_flight: int = Field(default=256 * MiB, ge=1024)
     """Memory guard: most request-body bytes admitted at once, each request counted by its
     ``Content-Length`` or, without one, by ``max_body_bytes``; beyond it requests are refused

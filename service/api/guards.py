@@ -458,6 +458,10 @@ class WorkGuardMiddleware:
         Renders the deadline's refusals (timed out, overloaded) as responses.
     render_refusal : callable
         Renders an admission refusal once; the middleware replays the result.
+    refusal_delay_s : float
+        How long a refusal waits before it is answered (seconds): it bounds the requests
+        per second of clients that retry at once, whose reading and refusing would
+        otherwise take the event loop from the admitted work.
     prefixes : sequence of str
         Path prefixes guarded.
     """
@@ -470,6 +474,7 @@ class WorkGuardMiddleware:
         timeout_s: float,
         render_error: RenderError,
         render_refusal: RenderRefusal,
+        refusal_delay_s: float = 0.0,
         prefixes: Sequence[str] = PROTECTED_PREFIXES,
     ) -> None:
         self.app = app
@@ -477,6 +482,7 @@ class WorkGuardMiddleware:
         self._timeout_s = timeout_s
         self._render_error = render_error
         self._render_refusal = render_refusal
+        self._refusal_delay_s = refusal_delay_s
         self._prefixes = tuple(prefixes)
         self._refusal_answers: dict[tuple[Refusal, str], ASGIApp] = {}
 
@@ -493,6 +499,8 @@ class WorkGuardMiddleware:
             return
         outcome = self._admission.admit(content_length(scope.get("headers", ())))
         if isinstance(outcome, Refusal):
+            if self._refusal_delay_s > 0:
+                await asyncio.sleep(self._refusal_delay_s)
             await self._refusal_answer(outcome, prefix, scope)(scope, receive, send)
             return
         scope[ADMISSION_TICKET_KEY] = outcome

@@ -48,6 +48,7 @@ def install_middlewares(
         timeout_s=settings.request_timeout_s,
         render_error=render_error,
         render_refusal=render_refusal,
+        refusal_delay_s=settings.refusal_delay_s,
     )
     app.add_middleware(
         ApiKeyMiddleware,  # type: ignore[arg-type]

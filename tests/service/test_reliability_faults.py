@@ -275,6 +275,7 @@ def test_a_queue_whose_expected_wait_passes_the_deadline_is_refused_and_a_short_
         # Shorter than one cutout's service time: one cutout admitted ahead is too many.
         max_queue_wait_s=0.001,
         overload_retry_after_s=7,
+        refusal_delay_s=0.3,
     )
     with serve(settings, runtime) as url:
         # Nothing ahead: one request after another is admitted, before the service time is
@@ -295,7 +296,13 @@ def test_a_queue_whose_expected_wait_passes_the_deadline_is_refused_and_a_short_
             head = _headers_only_post(url, CLEAN[3])
             assert head.startswith(b"HTTP/1.1 503"), head
             assert f"retry-after: {retry_after}\r\n".encode() in head.lower()
-            refusals = [_post(url, CLEAN[3:4], samples=16) for _ in range(2)]
+            refusals, answered_after_s = [], []
+            for _ in range(2):
+                started = time.perf_counter()
+                refusals.append(_post(url, CLEAN[3:4], samples=16))
+                answered_after_s.append(time.perf_counter() - started)
+            # Each refusal waits refusal_delay_s, so a client retrying at once is slowed.
+            assert min(answered_after_s) >= settings.refusal_delay_s
             for refused in refusals:
                 assert refused.status_code == 503 and _error_code(refused) == "overloaded"
                 assert refused.headers["retry-after"] == retry_after
