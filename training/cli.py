@@ -9,7 +9,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from service.contract.cards import CLASSIFIER_NAME, MC_NAME, REGRESSOR_NAME
-from training.config import PRESETS, SAMPLES_SEED, SimulationConfig
+from training.config import (
+    FLAGGED_FRACTION,
+    PRESETS,
+    SAMPLES_SEED,
+    SEEING_OFFSET,
+    TAIL_QUANTILE,
+    SimulationConfig,
+)
 
 _MODEL_NAMES = (CLASSIFIER_NAME, REGRESSOR_NAME, MC_NAME)
 
@@ -442,18 +449,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="in-distribution test folders the threshold is set on (the sealed set)",
     )
     ood.add_argument(
-        "--flagged-fraction", type=float, default=0.01, help="share of the threshold data flagged"
+        "--flagged-fraction",
+        type=float,
+        default=FLAGGED_FRACTION,
+        help="share of the threshold data flagged",
     )
     ood.add_argument(
         "--seeing-tail-quantile",
         type=float,
-        default=0.99,
+        default=TAIL_QUANTILE,
         help="quantile of the fit data at which the seeing term's tail meets the others'",
     )
     ood.add_argument(
         "--seeing-offset",
         type=float,
-        default=2.0,
+        default=SEEING_OFFSET,
         help="score units the seeing term is lowered by, so it counts only far out",
     )
     ood.add_argument(

@@ -19,6 +19,15 @@ OUTPUT_ZERO_POINT_AB = 30.0
 #: Seed of the repository's sample cutouts, ``examples/cutouts`` (``training/samples.py``).
 SAMPLES_SEED = 13
 
+# The out-of-distribution score's fit (training.ood), here so the CLI's defaults need no
+# heavy import.
+#: Share (0-1) of the in-distribution threshold set the threshold flags.
+FLAGGED_FRACTION = 0.01
+#: Quantile of the fit data at which the seeing term's tail is matched to the others'.
+TAIL_QUANTILE = 0.99
+#: Score units the seeing term is lowered by (chosen on validation sets, docs/ood.md).
+SEEING_OFFSET = 2.0
+
 
 @dataclass(frozen=True)
 class DR2Band:

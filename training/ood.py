@@ -47,17 +47,12 @@ from service.contract.ood import (
 )
 from service.contract.preprocessing import preprocess_batch
 from service.contract.uncertainty import QUANTILE_LEVELS, summarise_mc_samples
+from training.config import FLAGGED_FRACTION, SEEING_OFFSET, TAIL_QUANTILE
 from training.dataset import load_dataset
 from training.metrics import auroc, bootstrap_interval
 
 #: File of the statistics, next to the classifier's card.
 STATISTICS_FILE = "lens_classifier_ood.npz"
-#: Share (0-1) of the in-distribution threshold set the threshold flags.
-FLAGGED_FRACTION = 0.01
-#: Quantile of the fit data at which the seeing term's tail is matched to the others'.
-TAIL_QUANTILE = 0.99
-#: Score units the seeing term is lowered by (chosen on validation sets, docs/ood.md).
-SEEING_OFFSET = 2.0
 #: Shrinkage of each covariance towards its diagonal (fraction), so that the
 #: 256x256 feature covariance of a few thousand cutouts inverts stably.
 FEATURE_SHRINKAGE = 0.05
