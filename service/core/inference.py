@@ -522,12 +522,15 @@ def _explain(
     theta_column = PARAMETER_COMPONENTS.index("theta_E")
 
     def predict_lens_probability(images: NDArray[np.float32]) -> NDArray[np.float32]:
-        return runtime.run_model(CLASSIFIER_NAME, {"image": images})[probability_output]
+        # Only P(lens): the features and the seeing estimate are not run on the copies.
+        return runtime.run_model(CLASSIFIER_NAME, {"image": images}, outputs=[probability_output])[
+            probability_output
+        ]
 
     def predict_theta_E(images: NDArray[np.float32]) -> NDArray[np.float32]:
-        return runtime.run_model(REGRESSOR_NAME, {"image": images})[parameters_output][
-            :, theta_column
-        ]
+        return runtime.run_model(REGRESSOR_NAME, {"image": images}, outputs=[parameters_output])[
+            parameters_output
+        ][:, theta_column]
 
     return explain_occlusion(
         np.stack([c.image for c in item.cutouts]),

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -140,9 +140,15 @@ class ModelRuntime(Protocol):
         ...
 
     def run_model(
-        self, name: str, feeds: Mapping[str, NDArray[Any]], *, seed: int | None = None
+        self,
+        name: str,
+        feeds: Mapping[str, NDArray[Any]],
+        *,
+        seed: int | None = None,
+        outputs: Sequence[str] | None = None,
     ) -> dict[str, NDArray[Any]]:
-        """Run one model on ready-made input tensors; every output, keyed by its name."""
+        """Run one model on ready-made input tensors; its ``outputs`` (None: every output),
+        keyed by name."""
         ...
 
     def close(self) -> None:
@@ -496,7 +502,12 @@ class OnnxModelRuntime:
         return result
 
     def run_model(
-        self, name: str, feeds: Mapping[str, NDArray[Any]], *, seed: int | None = None
+        self,
+        name: str,
+        feeds: Mapping[str, NDArray[Any]],
+        *,
+        seed: int | None = None,
+        outputs: Sequence[str] | None = None,
     ) -> dict[str, NDArray[Any]]:
         """Run one model on ready-made input tensors (the Open Inference Protocol's view).
 
@@ -511,11 +522,14 @@ class OnnxModelRuntime:
         seed : int or None
             Seed of the MC model's dropout masks (0 to 2**63 - 1); ignored by
             the other models. See the module docstring.
+        outputs : sequence of str or None
+            The outputs wanted (names); onnxruntime runs only the nodes they need. None:
+            every output.
 
         Returns
         -------
         dict of str to ndarray
-            Every output of the model, keyed by its name.
+            The outputs, keyed by their names.
 
         Raises
         ------
@@ -535,11 +549,9 @@ class OnnxModelRuntime:
         session = self._sessions[name]
         if name == MC_NAME and seed is not None:
             session = self._create_mc_session(seed=seed)
-        values = self._run(session, name, feeds)
-        return {
-            output.name: np.asarray(value)
-            for output, value in zip(session.get_outputs(), values, strict=True)
-        }
+        names = [o.name for o in session.get_outputs()] if outputs is None else list(outputs)
+        values = self._run(session, name, feeds, names)
+        return {output: np.asarray(value) for output, value in zip(names, values, strict=True)}
 
     def close(self) -> None:
         """Drop the sessions; :meth:`predict` raises until :meth:`load` runs again."""

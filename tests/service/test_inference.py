@@ -243,6 +243,18 @@ def test_the_engine_on_the_real_models_matches_the_runtime_called_directly():
         )
 
 
+def test_run_model_returns_the_outputs_asked_for_with_the_values_of_a_full_run():
+    runtime = OnnxModelRuntime(MODELS_DIR, device="cpu", warmup_batch_sizes=())
+    runtime.load()
+    images = np.stack([c.image for c in _prepared(3, seed=2)])
+    full = runtime.run_model("lens_classifier", {"image": images})
+    assert len(full) == len(runtime.models.classifier.output_names) > 1
+    only = runtime.run_model("lens_classifier", {"image": images}, outputs=["lens_probability"])
+    assert list(only) == ["lens_probability"]
+    np.testing.assert_array_equal(only["lens_probability"], full["lens_probability"])
+    runtime.close()
+
+
 class SeededRuntime:
     """The real ONNX runtime with one fixed dropout seed, so shared calls repeat exactly."""
 
