@@ -80,9 +80,9 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from training.finetune import finetune_regressor
+    from training.finetune import finetune_run
 
-    finetune_regressor(
+    finetune_run(
         Path(args.runs),
         Path(args.data),
         Path(args.out),

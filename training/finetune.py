@@ -44,7 +44,7 @@ def load_run_summary(runs_in: Path) -> dict:
     return dict(json.loads((runs_in / _SUMMARY_CARD).read_text())["training"])
 
 
-def finetune_regressor(
+def finetune_run(
     runs_in: Path,
     data_dir: Path,
     runs_out: Path,
@@ -87,34 +87,63 @@ def finetune_regressor(
     else:
         for name in ("einstein_radius", "einstein_radius_mc"):
             shutil.copy(runs_in / RUN_FILES[name], runs_out / RUN_FILES[name])
-    classifier_path = runs_out / RUN_FILES["lens_classifier"]
     if classifier_epochs > 0:
-        classifier = keras.saving.load_model(runs_in / RUN_FILES["lens_classifier"], compile=False)
-        classifier_history = fit_classifier(
-            classifier,
-            train,
-            valid,
-            config,
-            epochs=classifier_epochs,
-            peak_learning_rate=classifier_learning_rate,
-            seed=config.seed + 12,
-            ema_momentum=ema_momentum,
+        summary.update(
+            _finetune_classifier(
+                runs_in,
+                runs_out,
+                train,
+                valid,
+                config,
+                epochs=classifier_epochs,
+                learning_rate=classifier_learning_rate,
+                ema_momentum=ema_momentum,
+                data_dir=data_dir,
+            )
         )
-        classifier.save(classifier_path)
-        summary["fine_tuned_classifier"] = {
-            "from_runs": str(runs_in),
-            "data_dir": str(data_dir),
-            "epochs": classifier_epochs,
-            "peak_learning_rate": classifier_learning_rate,
-            "ema_momentum": ema_momentum,
-            "n_train": int(len(train.images)),
-            "val_loss": [float(v) for v in classifier_history.history["val_loss"]],
-            "val_auroc": [float(v) for v in classifier_history.history["val_auroc"]],
-        }
     else:
-        shutil.copy(runs_in / RUN_FILES["lens_classifier"], classifier_path)
+        shutil.copy(runs_in / RUN_FILES["lens_classifier"], runs_out / RUN_FILES["lens_classifier"])
     (runs_out / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _finetune_classifier(
+    runs_in: Path,
+    runs_out: Path,
+    train: Split,
+    valid: Split,
+    config: TrainingConfig,
+    *,
+    epochs: int,
+    learning_rate: float,
+    ema_momentum: float | None,
+    data_dir: Path,
+) -> dict:
+    """Resume the classifier on ``train``; returns the summary entry this adds."""
+    classifier = keras.saving.load_model(runs_in / RUN_FILES["lens_classifier"], compile=False)
+    history = fit_classifier(
+        classifier,
+        train,
+        valid,
+        config,
+        epochs=epochs,
+        peak_learning_rate=learning_rate,
+        seed=config.seed + 12,
+        ema_momentum=ema_momentum,
+    )
+    classifier.save(runs_out / RUN_FILES["lens_classifier"])
+    return {
+        "fine_tuned_classifier": {
+            "from_runs": str(runs_in),
+            "data_dir": str(data_dir),
+            "epochs": epochs,
+            "peak_learning_rate": learning_rate,
+            "ema_momentum": ema_momentum,
+            "n_train": int(len(train.images)),
+            "val_loss": [float(v) for v in history.history["val_loss"]],
+            "val_auroc": [float(v) for v in history.history["val_auroc"]],
+        }
+    }
 
 
 def _finetune_regressor_and_mc(
