@@ -181,10 +181,10 @@ def _export(args: argparse.Namespace) -> None:
         models,
         data_dirs=[Path(d) for d in args.data],
         names=tuple(args.only),
-        **({"version": args.version} if args.version else {}),
+        version=args.version,
     )
     if kept_seeing is not None:
-        card = graft_into_classifier(models, *kept_seeing)
+        card = graft_into_classifier(models, *kept_seeing, save_keras=False)
         print(f"grafted the classifier's seeing estimator into the new one; updated {card}")
 
 

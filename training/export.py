@@ -314,12 +314,13 @@ def export_all(
     *,
     data_dirs: list[Path],
     names: tuple[str, ...] = tuple(RUN_FILES),
-    version: str = MODEL_VERSION,
+    version: str | None = None,
 ) -> list[Path]:
     """Write ``<name>.onnx``, ``<name>.keras`` and ``<name>.json`` for each of ``names``.
 
     A subset replaces those models and leaves the others' files as they are (a
     classifier-only round gives the classifier a new ``version``, not the others).
+    ``version`` None: :data:`MODEL_VERSION`.
     """
     models_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = runs_dir / METRICS_FILE
@@ -343,7 +344,7 @@ def export_all(
             metrics=metrics,
             training=training,
             data_dirs=data_dirs,
-            version=version,
+            version=version or MODEL_VERSION,
         )
         card_path = models_dir / f"{name}.json"
         card_path.write_text(dump_model_card(card))

@@ -172,12 +172,15 @@ def grafted_estimator(models_dir: Path) -> tuple[keras.Model, dict] | None:
     return keras.saving.load_model(models_dir / KERAS_FILE, compile=False), record
 
 
-def graft_into_classifier(models_dir: Path, model: keras.Model, record: dict) -> Path:
+def graft_into_classifier(
+    models_dir: Path, model: keras.Model, record: dict, *, save_keras: bool = True
+) -> Path:
     """Add ``model`` to the classifier's ONNX graph as output ``psf_fwhm_log10_arcsec``.
 
     The classifier's nodes are kept; the card gets the new output, sha256 and a
-    ``seeing_estimator`` entry, and the Keras source is saved next to it. A
-    classifier that already has the output has it replaced. Returns the card's path.
+    ``seeing_estimator`` entry, and the Keras source is saved next to it (unless
+    ``save_keras`` is False: the estimator already there). A classifier that already has
+    the output has it replaced. Returns the card's path.
     """
     card_path = models_dir / f"{CLASSIFIER_NAME}.json"
     card = json.loads(card_path.read_text())
@@ -189,7 +192,8 @@ def graft_into_classifier(models_dir: Path, model: keras.Model, record: dict) ->
         function, input_signature=function.input_signature, opset=ONNX_OPSET
     )
     onnx.save(_grafted(classifier, seeing), str(onnx_path))
-    model.save(models_dir / KERAS_FILE)
+    if save_keras:  # False for the estimator already saved there (no new bytes for old weights)
+        model.save(models_dir / KERAS_FILE)
     outputs = [o for o in card["outputs"] if o["name"] != SEEING_OUTPUT]
     outputs.append(
         {
