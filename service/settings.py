@@ -65,10 +65,12 @@ class Settings(BaseSettings):
     float cubes, read without astropy, stay in this process's threads); ``thread`` runs them
     all in this process (no unit)."""
 
-    decode_niceness: int = Field(default=10, ge=0, le=19)
-    """Added to the nice value of the decode threads and worker processes, so decoding
-    yields the cores to onnxruntime, whose operators wait for their slowest thread
-    (docs/performance.md); 0 leaves them at the server's priority (Linux; no unit)."""
+    decode_niceness: int = Field(default=0, ge=0, le=19)
+    """Added to the nice value of the decode threads and worker processes (Linux; no unit).
+    0, the default, leaves them at the server's priority: with one operator thread per
+    model instance no operator waits for a slow thread, and single-cutout requests need
+    their decoding as soon as it is ready (docs/performance.md). A higher value makes
+    decoding yield the cores to onnxruntime, e.g. with ``intra_op_threads`` above 1."""
 
     decode_worker_max_bytes: int = Field(default=2 * 1024 * MiB, ge=256 * MiB)
     """Address-space limit of each decode worker process; past it the file fails with a
