@@ -21,9 +21,8 @@ from training.config import (
 _MODEL_NAMES = (CLASSIFIER_NAME, REGRESSOR_NAME, MC_NAME)
 
 
-def _simulate(args: argparse.Namespace) -> None:
-    from training.dataset import simulate_dataset
-
+def simulation_config(args: argparse.Namespace) -> SimulationConfig:
+    """The simulator's settings that ``simulate``'s options ask for."""
     config = replace(SimulationConfig(), seed=args.seed, n_cutouts=args.n)
     if args.negative_kinds:
         known = [kind for kind, _ in config.negative_kinds]
@@ -39,6 +38,15 @@ def _simulate(args: argparse.Namespace) -> None:
         config = replace(config, lens_fraction=args.lens_fraction)
     if args.theta_e_range is not None:
         config = replace(config, theta_E_arcsec=tuple(args.theta_e_range))
+    if args.unresolved_lenses:
+        config = replace(config, require_resolved=False)
+    return config
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from training.dataset import simulate_dataset
+
+    config = simulation_config(args)
     started = time.perf_counter()
     simulate_dataset(config, Path(args.out), workers=args.workers)
     print(f"simulated {args.n} cutouts into {args.out} in {time.perf_counter() - started:.0f} s")
@@ -292,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="spread (natural log) of that factor before clipping (default 0.12)",
+    )
+    simulate.add_argument(
+        "--unresolved-lenses",
+        action="store_true",
+        help="keep lenses whose arcs the seeing does not resolve (Collett's rule off): a "
+        "regressor's training set whose prior reaches below the smallest evaluated lenses",
     )
     simulate.set_defaults(handler=_simulate)
 

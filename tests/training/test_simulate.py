@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("lenstronomy")
 
 from training.augment import rotate90  # noqa: E402
+from training.cli import build_parser, simulation_config  # noqa: E402
 from training.config import PIXEL_SCALE_ARCSEC, SimulationConfig  # noqa: E402
 from training.psf import psf_kernel  # noqa: E402
 from training.simulate import Galaxy, draw_scene, render_components, simulate_cutout  # noqa: E402
@@ -309,3 +310,30 @@ def test_a_larger_cutout_has_its_artefacts_scaled_to_the_grid():
         assert labels["artefacts"] != "none" and masked.mean() <= 0.25
         np.testing.assert_allclose(labels["masked_fraction"], masked.mean(), rtol=1e-12)
         assert np.isfinite(image[~masked]).all()
+
+
+def test_simulate_options_reach_the_simulator_config():
+    args = build_parser().parse_args(
+        [
+            "simulate",
+            "--out",
+            "x",
+            "--n",
+            "10",
+            "--seed",
+            "3",
+            "--theta-e-range",
+            "0.1",
+            "3.6",
+            "--lens-fraction",
+            "1",
+            "--unresolved-lenses",
+        ]
+    )
+    config = simulation_config(args)
+    assert (config.seed, config.n_cutouts, config.lens_fraction) == (3, 10, 1.0)
+    assert config.theta_E_arcsec == (0.1, 3.6)
+    assert config.require_resolved is False
+    default = simulation_config(build_parser().parse_args(["simulate", "--out", "x"]))
+    assert default.require_resolved is True
+    assert default.theta_E_arcsec == SimulationConfig().theta_E_arcsec
