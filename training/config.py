@@ -217,7 +217,7 @@ class TrainingConfig:
 
 
 #: Named model and training settings for ``python -m training train --preset``.
-#: ``cpu`` is the default, sized for the 2-core build machine (54 min); ``gpu``
+#: ``cpu`` is the default, sized for the 2-core build machine (``make models`` 54 min); ``gpu``
 #: is sized for one H100 with ``KERAS_BACKEND=jax`` and about 100 000 training
 #: cutouts: twice the trunk width and more epochs, same inputs, outputs and
 #: MC design, so serving and the ONNX export are unchanged.
