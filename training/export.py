@@ -33,7 +33,7 @@ from training.models import (
 )
 from training.train import RUN_FILES, TRAINING_SUMMARY
 
-MODEL_VERSION = "2.2.0"
+MODEL_VERSION = "2.3.0"
 ONNX_OPSET = 17
 
 _PARAMETERS_OUTPUT = {
