@@ -196,8 +196,8 @@ class TrainingConfig:
 
     seed: int = 7
     batch_size: int = 128
-    # 10 and 20 (were 16 and 30) keep `make models` within issue 14's 75 minutes on the
-    # 2-core machine with today's larger simulator (docs/models.md, "Rebuilding them").
+    # Sized so that `make models` stays within 75 minutes on the 2-core machine
+    # (docs/models.md, "Rebuilding them").
     classifier_epochs: int = 10
     regressor_epochs: int = 20
     mc_head_epochs: int = 60
