@@ -107,6 +107,19 @@ def finetune_run(
     return summary
 
 
+def _round_record(
+    runs_in: Path, data_dir: Path, epochs: int, learning_rate: float, ema_momentum: float | None
+) -> dict:
+    """What every fine-tuning round records of its start, data and schedule."""
+    return {
+        "from_runs": str(runs_in),
+        "data_dir": str(data_dir),
+        "epochs": epochs,
+        "peak_learning_rate": learning_rate,
+        "ema_momentum": ema_momentum,
+    }
+
+
 def _finetune_classifier(
     runs_in: Path,
     runs_out: Path,
@@ -134,11 +147,7 @@ def _finetune_classifier(
     classifier.save(runs_out / RUN_FILES["lens_classifier"])
     return {
         "fine_tuned_classifier": {
-            "from_runs": str(runs_in),
-            "data_dir": str(data_dir),
-            "epochs": epochs,
-            "peak_learning_rate": learning_rate,
-            "ema_momentum": ema_momentum,
+            **_round_record(runs_in, data_dir, epochs, learning_rate, ema_momentum),
             "n_train": int(len(train.images)),
             "val_loss": [float(v) for v in history.history["val_loss"]],
             "val_auroc": [float(v) for v in history.history["val_auroc"]],
@@ -180,11 +189,7 @@ def _finetune_regressor_and_mc(
     return {
         "aleatoric_calibration_factor": scale,
         "fine_tuned_regressor": {
-            "from_runs": str(runs_in),
-            "data_dir": str(data_dir),
-            "epochs": epochs,
-            "peak_learning_rate": learning_rate,
-            "ema_momentum": ema_momentum,
+            **_round_record(runs_in, data_dir, epochs, learning_rate, ema_momentum),
             "n_train_lenses": int(len(lenses_train.images)),
             "val_loss": [float(v) for v in history.history["val_loss"]],
             "mc_head": "retrained on the fine-tuned trunk and recalibrated",
