@@ -40,6 +40,10 @@ def simulation_config(args: argparse.Namespace) -> SimulationConfig:
         config = replace(config, theta_E_arcsec=tuple(args.theta_e_range))
     if args.unresolved_lenses:
         config = replace(config, require_resolved=False)
+    if args.artefact_probability is not None:
+        if not 0.0 <= args.artefact_probability <= 1.0:
+            raise SystemExit("--artefact-probability must lie in [0, 1]")
+        config = replace(config, artefact_probability=args.artefact_probability)
     return config
 
 
@@ -306,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep lenses whose arcs the seeing does not resolve (Collett's rule off): a "
         "regressor's training set whose prior reaches below the smallest evaluated lenses",
+    )
+    simulate.add_argument(
+        "--artefact-probability",
+        type=float,
+        default=None,
+        help="share of cutouts with artefacts (default 0.18, the evaluated mix); higher for "
+        "a training set that teaches robustness to them",
     )
     simulate.set_defaults(handler=_simulate)
 

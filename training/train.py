@@ -4,10 +4,10 @@
 * ``einstein_radius``: mean squared error, each parameter in units of its
   typical spread, on lenses only.
 * ``einstein_radius_mc``: the ``einstein_radius`` trunk, frozen, plus an
-  MC-dropout head trained with the Gaussian negative log-likelihood on the
-  trunk's features; its aleatoric scale is then calibrated on the validation
-  split so that the central 68% and 95% intervals cover as nominal
-  (:func:`calibrate_aleatoric_scale`).
+  MC-dropout head trained with the beta-weighted Gaussian negative
+  log-likelihood (``losses.BetaGaussianNLL``) on the trunk's features; its
+  aleatoric scale is then calibrated on the validation split so that the
+  central 68% and 95% intervals cover as nominal (:func:`calibrate_aleatoric_scale`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from service.contract.uncertainty import summarise_mc_samples
 from training.augment import PARAMETER_COLUMNS, random_symmetry
 from training.config import ModelConfig, TrainingConfig
 from training.dataset import Dataset, load_dataset
-from training.losses import gaussian_nll, scaled_mse
+from training.losses import BetaGaussianNLL, scaled_mse
 from training.models import (
     build_einstein_radius,
     build_einstein_radius_mc,
@@ -333,7 +333,7 @@ def train_mc_model(
         epochs=config.mc_head_epochs,
         warmup_epochs=config.warmup_epochs,
     )
-    head.compile(optimizer=optimizer, loss=gaussian_nll)
+    head.compile(optimizer=optimizer, loss=BetaGaussianNLL(config.mc_head_nll_beta))
     head.fit(
         features[:, None, :],
         targets[:, None, :],

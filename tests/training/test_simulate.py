@@ -328,12 +328,20 @@ def test_simulate_options_reach_the_simulator_config():
             "--lens-fraction",
             "1",
             "--unresolved-lenses",
+            "--artefact-probability",
+            "0.5",
         ]
     )
     config = simulation_config(args)
+    assert config.artefact_probability == 0.5
     assert (config.seed, config.n_cutouts, config.lens_fraction) == (3, 10, 1.0)
     assert config.theta_E_arcsec == (0.1, 3.6)
     assert config.require_resolved is False
     default = simulation_config(build_parser().parse_args(["simulate", "--out", "x"]))
     assert default.require_resolved is True
     assert default.theta_E_arcsec == SimulationConfig().theta_E_arcsec
+    assert default.artefact_probability == SimulationConfig().artefact_probability
+    with pytest.raises(SystemExit, match="artefact-probability"):
+        simulation_config(
+            build_parser().parse_args(["simulate", "--out", "x", "--artefact-probability", "2"])
+        )

@@ -89,3 +89,31 @@ def test_fitted_interval_levels_make_each_interval_cover_as_named_on_fresh_data(
         coverage_95 = np.mean((fresh_truth >= q[:, 0]) & (fresh_truth <= q[:, 4]))
         hits = abs(coverage_68 - 0.68) < 0.02 and abs(coverage_95 - 0.95) < 0.01
         assert hits == expect_nominal, (mixture_levels, coverage_68, coverage_95)
+
+
+def _loss_and_mean_gradient(beta: float, truth, mean, log_variance):
+    import tensorflow as tf
+
+    from training.losses import BetaGaussianNLL
+
+    mean = tf.Variable(np.asarray(mean, dtype=np.float32))
+    y_true = tf.constant(np.asarray(truth, dtype=np.float32)[:, None, None])
+    with tf.GradientTape() as tape:
+        y_pred = tf.stack([mean, tf.constant(log_variance, dtype=tf.float32)], axis=-1)
+        loss = BetaGaussianNLL(beta)(y_true, y_pred[:, None, :])
+    return float(loss), tape.gradient(loss, mean).numpy()
+
+
+def test_beta_nll_is_the_plain_nll_at_zero_and_gives_the_mean_an_mse_gradient_at_one():
+    truth, mean = [1.0, 3.0], [1.5, 2.0]
+    log_variance = np.log([0.01, 0.25]).astype(np.float32)
+    error = np.subtract(truth, mean)
+    plain = np.mean(0.5 * (log_variance + error**2 / np.exp(log_variance)))
+    loss, _ = _loss_and_mean_gradient(0.0, truth, mean, log_variance)
+    assert loss == pytest.approx(plain, rel=1e-5)
+    # beta = 1: d loss / d mean_i = -error_i / n whatever the predicted variance,
+    # so the large-variance cutout is not down-weighted (it is, 25-fold, at beta = 0).
+    _, gradient = _loss_and_mean_gradient(1.0, truth, mean, log_variance)
+    np.testing.assert_allclose(gradient, -error / 2, rtol=1e-5)
+    _, gradient = _loss_and_mean_gradient(0.0, truth, mean, log_variance)
+    np.testing.assert_allclose(gradient, -error / np.exp(log_variance) / 2, rtol=1e-5)
