@@ -29,11 +29,14 @@ from numpy.typing import NDArray
 from service.contract.cards import (
     CLASSIFIER_NAME,
     FEATURES_OUTPUT,
-    MC_NAME,
+    MC_PARAMETERS_OUTPUT,
     NUM_SAMPLES_INPUT,
+    REGRESSOR_NAME,
     SEEING_OUTPUT,
+    ModelSet,
     OutOfDistributionSpec,
     read_model_card,
+    read_model_cards,
 )
 from service.contract.ood import (
     INPUT_STATISTIC_NAMES,
@@ -45,8 +48,13 @@ from service.contract.ood import (
     read_ood_statistics,
     spread_pass_means,
 )
-from service.contract.preprocessing import preprocess_batch
-from service.contract.uncertainty import QUANTILE_LEVELS, summarise_mc_samples
+from service.contract.preprocessing import preprocess_batch, signal_to_noise
+from service.contract.uncertainty import (
+    QUANTILE_LEVELS,
+    MixtureSummary,
+    calibrate_by_regime,
+    summarise_mc_samples,
+)
 from training.config import FLAGGED_FRACTION, SEEING_OFFSET, TAIL_QUANTILE
 from training.dataset import load_dataset
 from training.metrics import auroc, bootstrap_interval
@@ -77,6 +85,11 @@ class Scored:
     mc_log_variances: NDArray[np.float32] | None
     seeing: NDArray[np.float32] | None = None
     """(n, bands) the classifier's seeing estimates (log10 arcsec), when it has them."""
+    point_theta_E: NDArray[np.float64] | None = None
+    """(n,) the regressor's point theta_E (arcsec), with the MC passes: what places a
+    cutout in its regime of the MC card's table."""
+    signal_to_noise: NDArray[np.float64] | None = None
+    """(n,) each cutout's signal-to-noise, with the MC passes: the table's other axis."""
 
     @property
     def epistemic_std(self) -> NDArray[np.float64]:
@@ -92,11 +105,56 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
+@dataclass(frozen=True)
+class McPasses:
+    """The MC model's passes over a set of cutouts, and what places each in a regime."""
+
+    means: NDArray[np.float32]
+    """(n, T) theta_E of each pass (arcsec)."""
+    log_variances: NDArray[np.float32]
+    point_theta_E: NDArray[np.float64]
+    """(n,) the regressor's point theta_E (arcsec)."""
+    signal_to_noise: NDArray[np.float64]
+
+
+class _McRunner:
+    """Runs the MC graph (and the regressor, when that graph lacks its point output) batch
+    by batch, as the service does, and collects :class:`McPasses`."""
+
+    def __init__(self, models_dir: Path):
+        models = read_model_cards(models_dir)
+        self._mc = _session(models_dir / models.mc.onnx_file)
+        self._regressor = (
+            None
+            if models.mc_gives_parameters
+            else _session(models_dir / models.cards[REGRESSOR_NAME].onnx_file)
+        )
+        self._parts: list[tuple[NDArray, ...]] = []
+
+    def run(self, batch: NDArray[np.float32]) -> None:
+        outputs = ["theta_E_samples", "theta_E_log_variance_samples"]
+        if self._regressor is None:
+            outputs.append(MC_PARAMETERS_OUTPUT)
+        values = self._mc.run(
+            outputs, {"image": batch, NUM_SAMPLES_INPUT: np.asarray(_MC_SAMPLES, dtype=np.int32)}
+        )
+        if self._regressor is None:
+            means, log_variances, parameters = values
+        else:
+            means, log_variances = values
+            (parameters,) = self._regressor.run(None, {"image": batch})
+        self._parts.append((means, log_variances, parameters[:, 0], signal_to_noise(batch)))
+
+    def result(self) -> McPasses:
+        means, log_variances, point, snr = (
+            np.concatenate(part) for part in zip(*self._parts, strict=True)
+        )
+        return McPasses(means, log_variances, point.astype(np.float64), snr.astype(np.float64))
+
+
 def score_inputs(
     models_dir: Path, images: NDArray[np.floating], *, epistemic: bool = False
-) -> tuple[
-    NDArray[np.float32], NDArray[np.float64], tuple[NDArray, NDArray] | None, NDArray | None
-]:
+) -> tuple[NDArray[np.float32], NDArray[np.float64], McPasses | None, NDArray | None]:
     """Features, input statistics, (optionally) the MC passes and the seeing estimates
     (None when the classifier has no such output) of raw cutouts.
 
@@ -107,7 +165,8 @@ def score_inputs(
     images : ndarray, shape (n, 3, 64, 64)
         Cutouts as the service decodes them (flux units; masked pixels NaN).
     epistemic : bool
-        Also run the MC model (100 passes): theta_E and log-variance of each pass.
+        Also run the MC model (100 passes): theta_E and log-variance of each pass, with
+        the point theta_E and signal-to-noise that place a cutout in the MC card's table.
     """
     classifier_card = read_model_card(models_dir / f"{CLASSIFIER_NAME}.json")
     if FEATURES_OUTPUT not in classifier_card.output_names:
@@ -118,10 +177,8 @@ def score_inputs(
     classifier = _session(models_dir / classifier_card.onnx_file)
     has_seeing = SEEING_OUTPUT in classifier_card.output_names
     outputs = [FEATURES_OUTPUT, SEEING_OUTPUT] if has_seeing else [FEATURES_OUTPUT]
-    mc = None
-    if epistemic:
-        mc = _session(models_dir / read_model_card(models_dir / f"{MC_NAME}.json").onnx_file)
-    features, inputs, seeing, mc_means, mc_log_variances = [], [], [], [], []
+    passes = _McRunner(models_dir) if epistemic else None
+    features, inputs, seeing = [], [], []
     for start in range(0, len(images), _BATCH):
         cubes = np.asarray(images[start : start + _BATCH])
         batch = preprocess_batch(cubes)
@@ -129,17 +186,12 @@ def score_inputs(
         features.append(values[0])
         seeing.extend(values[1:])
         inputs.extend(input_statistics(cube) for cube in cubes)
-        if mc is not None:
-            means, log_variances = mc.run(
-                ["theta_E_samples", "theta_E_log_variance_samples"],
-                {"image": batch, NUM_SAMPLES_INPUT: np.asarray(_MC_SAMPLES, dtype=np.int32)},
-            )
-            mc_means.append(means)
-            mc_log_variances.append(log_variances)
+        if passes is not None:
+            passes.run(batch)
     return (
         np.concatenate(features).astype(np.float32),
         np.stack(inputs),
-        (np.concatenate(mc_means), np.concatenate(mc_log_variances)) if mc is not None else None,
+        passes.result() if passes is not None else None,
         np.concatenate(seeing).astype(np.float32) if has_seeing else None,
     )
 
@@ -150,8 +202,19 @@ def score_dataset(models_dir: Path, data_dir: Path, *, epistemic: bool = False) 
     features, inputs, mc, seeing = score_inputs(models_dir, dataset.images, epistemic=epistemic)
     is_lens = dataset.labels["is_lens"].astype(float) > 0.5
     theta_E = np.where(is_lens, dataset.labels["theta_E"].astype(float), np.nan)
-    means, log_variances = mc if mc is not None else (None, None)
-    return Scored(features, inputs, is_lens, theta_E, means, log_variances, seeing)
+    if mc is None:
+        return Scored(features, inputs, is_lens, theta_E, None, None, seeing)
+    return Scored(
+        features,
+        inputs,
+        is_lens,
+        theta_E,
+        mc.means,
+        mc.log_variances,
+        seeing,
+        point_theta_E=mc.point_theta_E,
+        signal_to_noise=mc.signal_to_noise,
+    )
 
 
 def _shrunk_precision(centred: NDArray[np.float64], shrinkage: float) -> NDArray[np.float64]:
@@ -316,23 +379,34 @@ def load_statistics(models_dir: Path) -> tuple[OodStatistics, float]:
 
 
 def inflated_summary(
-    scored: Scored, factor: NDArray[np.floating], mixture_levels: tuple[float, ...]
-):
-    """The MC mixture's summary with each cutout's pass means spread by ``factor`` about their mean.
+    scored: Scored, factor: NDArray[np.floating], models: ModelSet
+) -> MixtureSummary:
+    """The served summary with each cutout's pass means spread by ``factor`` about their mean.
 
-    Spreading the pass means multiplies the epistemic std by ``factor`` and leaves
-    the aleatoric part and the mean unchanged.
+    As the service answers (``service.core.inference._summarise``): the pass means
+    spread first (which multiplies the epistemic std by ``factor``), then the MC
+    card's per-regime table when it has one, else the mixture read at its
+    recalibrated levels.
     """
     spread = spread_pass_means(scored.mc_means, factor)
-    return summarise_mc_samples(spread, scored.mc_log_variances, mixture_levels)
+    table = models.mc_regime_table
+    levels = None if table is not None else models.mc_mixture_levels
+    summary = summarise_mc_samples(spread, scored.mc_log_variances, levels)
+    if table is None:
+        return summary
+    return calibrate_by_regime(
+        summary,
+        table,
+        theta_E_arcsec=scored.point_theta_E,
+        signal_to_noise=scored.signal_to_noise,
+        num_samples=scored.mc_means.shape[1],
+    )
 
 
-def _coverage_68(
-    scored: Scored, factor: NDArray[np.floating], mixture_levels: tuple[float, ...]
-) -> float:
+def coverage_68(scored: Scored, factor: NDArray[np.floating], models: ModelSet) -> float:
     """Share of lenses whose true theta_E lies in the served 0.16-0.84 quantiles."""
     lens = scored.is_lens
-    quantiles = inflated_summary(scored, factor, mixture_levels).quantiles[lens]
+    quantiles = inflated_summary(scored, factor, models).quantiles[lens]
     low, high = QUANTILE_LEVELS.index(0.16), QUANTILE_LEVELS.index(0.84)
     truth = scored.theta_E[lens]
     return float(np.mean((truth >= quantiles[:, low]) & (truth <= quantiles[:, high])))
@@ -357,8 +431,7 @@ def evaluate_ood(
         Seed of the bootstrap resampling.
     """
     stats, threshold = load_statistics(models_dir)
-    calibration = read_model_card(models_dir / f"{MC_NAME}.json").interval_calibration
-    levels = QUANTILE_LEVELS if calibration is None else calibration.mixture_levels
+    models = read_model_cards(models_dir)
     rng = np.random.default_rng(seed)
     reference = score_dataset(models_dir, in_dir, epistemic=True)
     ref_terms = stats.terms(reference.features, reference.inputs, reference.seeing)
@@ -380,8 +453,8 @@ def evaluate_ood(
             "flagged_fraction_95": flagged_interval,
             "median_epistemic_std_arcsec": ref_epistemic,
             "median_epistemic_std_inflated_arcsec": ref_inflated,
-            "coverage_68_lenses": _coverage_68(reference, np.ones(len(ref_scores)), levels),
-            "coverage_68_lenses_inflated": _coverage_68(reference, ref_factor, levels),
+            "coverage_68_lenses": coverage_68(reference, np.ones(len(ref_scores)), models),
+            "coverage_68_lenses_inflated": coverage_68(reference, ref_factor, models),
             "median_terms": np.median(ref_terms, axis=0).tolist(),
         },
         "kinds": {},
