@@ -60,26 +60,6 @@ def _draw_lookalikes(
                 angle=a + np.pi / 2,
                 max_clumps=2,
             )
-    elif kind == "ring":
-        # A collisional ring galaxy: knots on an ellipse around a yellow bulge.
-        radius, q_ring = rng.uniform(1.2, 3.5), rng.uniform(0.5, 1.0)
-        tilt, offset = rng.uniform(0, np.pi), rng.normal(0, 0.3, 2)
-        gr, ri = rng.uniform(0.0, 0.6), rng.uniform(-0.1, 0.3)
-        for a in rng.uniform(0, 2 * np.pi, int(rng.integers(6, 16))):
-            px, py = radius * np.cos(a), radius * q_ring * np.sin(a)
-            cx = center[0] + offset[0] + px * np.cos(tilt) - py * np.sin(tilt)
-            cy = center[1] + offset[1] + px * np.sin(tilt) + py * np.cos(tilt)
-            galaxies.append(
-                Galaxy(
-                    colour_mags(rng.uniform(23.0, 25.5), "r", gr, ri),
-                    rng.uniform(0.1, 0.35),
-                    None,
-                    0.0,
-                    0.0,
-                    cx,
-                    cy,
-                )
-            )
     elif kind == "spiral":
         # Replace the elliptical by a disc galaxy with clumpy logarithmic arms.
         e1, e2, phi, q = ellipticity(rng, (0.3, 1.0))
@@ -146,6 +126,40 @@ def _draw_lookalikes(
                 )
             )
     return galaxies, False
+
+
+def _draw_ring(rng: np.random.Generator, center: tuple[float, float]) -> tuple[list[Galaxy], dict]:
+    """A collisional ring galaxy: knots on an ellipse around the central bulge.
+
+    Returns the knots and label entries of the ring's geometry (radius and offset
+    in arcsec), by which its look-alikeness to an Einstein ring can be studied.
+    """
+    radius, q_ring = rng.uniform(1.2, 3.5), rng.uniform(0.5, 1.0)
+    tilt, offset = rng.uniform(0, np.pi), rng.normal(0, 0.3, 2)
+    gr, ri = rng.uniform(0.0, 0.6), rng.uniform(-0.1, 0.3)
+    knots = []
+    for a in rng.uniform(0, 2 * np.pi, int(rng.integers(6, 16))):
+        px, py = radius * np.cos(a), radius * q_ring * np.sin(a)
+        cx = center[0] + offset[0] + px * np.cos(tilt) - py * np.sin(tilt)
+        cy = center[1] + offset[1] + px * np.sin(tilt) + py * np.cos(tilt)
+        knots.append(
+            Galaxy(
+                colour_mags(rng.uniform(23.0, 25.5), "r", gr, ri),
+                rng.uniform(0.1, 0.35),
+                None,
+                0.0,
+                0.0,
+                cx,
+                cy,
+            )
+        )
+    labels = {
+        "ring_radius_arcsec": float(radius),
+        "ring_axis_ratio": float(q_ring),
+        "ring_offset_arcsec": float(np.hypot(*offset)),
+        "ring_knots": len(knots),
+    }
+    return knots, labels
 
 
 def _draw_edge_on(rng: np.random.Generator, center: tuple[float, float]) -> list[Galaxy]:
@@ -257,6 +271,8 @@ def draw_negative(
                     dmag=rng.uniform(0.0, 2.5),
                 )
             )
+    elif kind == "ring":
+        light.galaxies, light.labels = _draw_ring(rng, center)
     else:
         light.galaxies, _ = _draw_lookalikes(rng, cfg, kind, center)
     return light

@@ -121,6 +121,25 @@ def test_new_negative_kinds_render_finite_cutouts(kind):
     assert centre > 5 * np.sqrt(32 * 32) * min(labels[f"sky_sigma_{b}"] for b in "gri")
 
 
+def test_a_ring_negative_records_its_geometry():
+    from training.negatives import draw_negative
+
+    _, labels = simulate_cutout(np.random.default_rng(5), NO_ARTEFACTS, is_lens=False, kind="ring")
+    assert 1.2 <= labels["ring_radius_arcsec"] <= 3.5 and 0.5 <= labels["ring_axis_ratio"] <= 1
+    for seed in range(5):
+        light = draw_negative(
+            np.random.default_rng(seed), CONFIG, "ring", center=(0.2, -0.1), deflector=None
+        )
+        radius, q = light.labels["ring_radius_arcsec"], light.labels["ring_axis_ratio"]
+        offset = light.labels["ring_offset_arcsec"]
+        assert len(light.galaxies) == light.labels["ring_knots"]
+        # Each knot lies on the tilted ellipse of semi-axes radius and q * radius about a
+        # centre ``offset`` arcsec from the scene's.
+        distance = np.array([np.hypot(g.center_x - 0.2, g.center_y + 0.1) for g in light.galaxies])
+        assert np.all(distance >= q * radius - offset - 1e-9)
+        assert np.all(distance <= radius + offset + 1e-9)
+
+
 def test_a_centred_star_keeps_its_flux_in_the_cutout():
     # Total flux 10**(-0.4 (m - 30)); only the wide wings and halo beyond the
     # 16.8" cutout (at most a few per cent for these profiles) are lost.
