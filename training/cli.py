@@ -40,6 +40,8 @@ def simulation_config(args: argparse.Namespace) -> SimulationConfig:
         config = replace(config, theta_E_arcsec=tuple(args.theta_e_range))
     if args.unresolved_lenses:
         config = replace(config, require_resolved=False)
+    if args.ring_radius_range is not None:
+        config = replace(config, ring_radius_arcsec=tuple(args.ring_radius_range))
     if args.artefact_probability is not None:
         if not 0.0 <= args.artefact_probability <= 1.0:
             raise SystemExit("--artefact-probability must lie in [0, 1]")
@@ -310,6 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep lenses whose arcs the seeing does not resolve (Collett's rule off): a "
         "regressor's training set whose prior reaches below the smallest evaluated lenses",
+    )
+    simulate.add_argument(
+        "--ring-radius-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=None,
+        help="radius range of the ring negatives, arcsec (default 1.2 3.5); narrower for a "
+        "training set aimed at the small rings that pass for lenses",
     )
     simulate.add_argument(
         "--artefact-probability",

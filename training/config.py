@@ -137,6 +137,9 @@ class SimulationConfig:
         ("galaxy_blend", 0.05),
         ("group", 0.04),
     )
+    ring_radius_arcsec: tuple[float, float] = (1.2, 3.5)
+    """Radius range of the ring negatives' knot ellipses (arcsec); a training set may
+    narrow it to the small rings that pass for lenses most (docs/models.md)."""
     star_mag_r: tuple[float, float] = (15.0, 23.0)
     star_count_slope: float = 0.08
     """Star magnitudes follow dN/dm proportional to 10**(slope m) on star_mag_r."""

@@ -128,13 +128,15 @@ def _draw_lookalikes(
     return galaxies, False
 
 
-def _draw_ring(rng: np.random.Generator, center: tuple[float, float]) -> tuple[list[Galaxy], dict]:
+def _draw_ring(
+    rng: np.random.Generator, cfg: SimulationConfig, center: tuple[float, float]
+) -> tuple[list[Galaxy], dict]:
     """A collisional ring galaxy: knots on an ellipse around the central bulge.
 
     Returns the knots and label entries of the ring's geometry (radius and offset
     in arcsec), by which its look-alikeness to an Einstein ring can be studied.
     """
-    radius, q_ring = rng.uniform(1.2, 3.5), rng.uniform(0.5, 1.0)
+    radius, q_ring = rng.uniform(*cfg.ring_radius_arcsec), rng.uniform(0.5, 1.0)
     tilt, offset = rng.uniform(0, np.pi), rng.normal(0, 0.3, 2)
     gr, ri = rng.uniform(0.0, 0.6), rng.uniform(-0.1, 0.3)
     knots = []
@@ -272,7 +274,7 @@ def draw_negative(
                 )
             )
     elif kind == "ring":
-        light.galaxies, light.labels = _draw_ring(rng, center)
+        light.galaxies, light.labels = _draw_ring(rng, cfg, center)
     else:
         light.galaxies, _ = _draw_lookalikes(rng, cfg, kind, center)
     return light

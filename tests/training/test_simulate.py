@@ -138,6 +138,12 @@ def test_a_ring_negative_records_its_geometry():
         distance = np.array([np.hypot(g.center_x - 0.2, g.center_y + 0.1) for g in light.galaxies])
         assert np.all(distance >= q * radius - offset - 1e-9)
         assert np.all(distance <= radius + offset + 1e-9)
+    narrow = replace(CONFIG, ring_radius_arcsec=(1.2, 1.5))
+    for seed in range(5):
+        light = draw_negative(
+            np.random.default_rng(seed), narrow, "ring", center=(0.0, 0.0), deflector=None
+        )
+        assert 1.2 <= light.labels["ring_radius_arcsec"] <= 1.5
 
 
 def test_a_centred_star_keeps_its_flux_in_the_cutout():
@@ -349,10 +355,14 @@ def test_simulate_options_reach_the_simulator_config():
             "--unresolved-lenses",
             "--artefact-probability",
             "0.5",
+            "--ring-radius-range",
+            "1.2",
+            "2.0",
         ]
     )
     config = simulation_config(args)
     assert config.artefact_probability == 0.5
+    assert config.ring_radius_arcsec == (1.2, 2.0)
     assert (config.seed, config.n_cutouts, config.lens_fraction) == (3, 10, 1.0)
     assert config.theta_E_arcsec == (0.1, 3.6)
     assert config.require_resolved is False
@@ -360,6 +370,7 @@ def test_simulate_options_reach_the_simulator_config():
     assert default.require_resolved is True
     assert default.theta_E_arcsec == SimulationConfig().theta_E_arcsec
     assert default.artefact_probability == SimulationConfig().artefact_probability
+    assert default.ring_radius_arcsec == (1.2, 3.5)
     with pytest.raises(SystemExit, match="artefact-probability"):
         simulation_config(
             build_parser().parse_args(["simulate", "--out", "x", "--artefact-probability", "2"])
