@@ -41,7 +41,10 @@ def simulation_config(args: argparse.Namespace) -> SimulationConfig:
     if args.unresolved_lenses:
         config = replace(config, require_resolved=False)
     if args.ring_radius_range is not None:
-        config = replace(config, ring_radius_arcsec=tuple(args.ring_radius_range))
+        low, high = args.ring_radius_range
+        if not 0.0 < low < high:
+            raise SystemExit("--ring-radius-range needs 0 < LOW < HIGH (arcsec)")
+        config = replace(config, ring_radius_arcsec=(low, high))
     if args.artefact_probability is not None:
         if not 0.0 <= args.artefact_probability <= 1.0:
             raise SystemExit("--artefact-probability must lie in [0, 1]")

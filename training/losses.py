@@ -28,7 +28,7 @@ class BetaGaussianNLL(keras.losses.Loss):
     0 is the plain NLL (up to a constant).
     """
 
-    def __init__(self, beta: float = 0.5, name: str = "beta_gaussian_nll", **kwargs):
+    def __init__(self, beta: float = 0.0, name: str = "beta_gaussian_nll", **kwargs):
         super().__init__(name=name, **kwargs)
         self.beta = float(beta)
 

@@ -371,6 +371,10 @@ def test_simulate_options_reach_the_simulator_config():
     assert default.theta_E_arcsec == SimulationConfig().theta_E_arcsec
     assert default.artefact_probability == SimulationConfig().artefact_probability
     assert default.ring_radius_arcsec == (1.2, 3.5)
+    with pytest.raises(SystemExit, match="ring-radius-range"):
+        simulation_config(
+            build_parser().parse_args(["simulate", "--out", "x", "--ring-radius-range", "2", "1"])
+        )
     with pytest.raises(SystemExit, match="artefact-probability"):
         simulation_config(
             build_parser().parse_args(["simulate", "--out", "x", "--artefact-probability", "2"])
