@@ -262,6 +262,13 @@ def _ood_evaluate(args: argparse.Namespace) -> None:
     print(format_table(result))
 
 
+def _add_range_option(parser: argparse.ArgumentParser, flag: str, help_text: str) -> None:
+    """A ``flag LOW HIGH`` option of two floats, None when not given."""
+    parser.add_argument(
+        flag, type=float, nargs=2, metavar=("LOW", "HIGH"), default=None, help=help_text
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -286,22 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="share of lenses (default 0.5); 1 for a regressor's set",
     )
-    simulate.add_argument(
+    _add_range_option(
+        simulate,
         "--theta-e-range",
-        type=float,
-        nargs=2,
-        metavar=("LOW", "HIGH"),
-        default=None,
-        help="Einstein radius range of the lenses, arcsec (default 0.45 3.2); wider for "
+        "Einstein radius range of the lenses, arcsec (default 0.45 3.2); wider for "
         "training, so that the evaluated range's ends are not the prior's",
     )
-    simulate.add_argument(
+    _add_range_option(
+        simulate,
         "--seeing-factor-range",
-        type=float,
-        nargs=2,
-        metavar=("LOW", "HIGH"),
-        default=None,
-        help="range of the per-object factor on DES's median seeing (default 0.72 1.6); "
+        "range of the per-object factor on DES's median seeing (default 0.72 1.6); "
         "wide for the seeing estimator's data (training.seeing)",
     )
     simulate.add_argument(
@@ -316,13 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep lenses whose arcs the seeing does not resolve (Collett's rule off): a "
         "regressor's training set whose prior reaches below the smallest evaluated lenses",
     )
-    simulate.add_argument(
+    _add_range_option(
+        simulate,
         "--ring-radius-range",
-        type=float,
-        nargs=2,
-        metavar=("LOW", "HIGH"),
-        default=None,
-        help="radius range of the ring negatives, arcsec (default 1.2 3.5); narrower for a "
+        "radius range of the ring negatives, arcsec (default 1.2 3.5); narrower for a "
         "training set aimed at the small rings that pass for lenses",
     )
     simulate.add_argument(
