@@ -17,6 +17,7 @@ from training.config import (
     TAIL_QUANTILE,
     SimulationConfig,
 )
+from training.symmetry import ROTATIONS
 
 _MODEL_NAMES = (CLASSIFIER_NAME, REGRESSOR_NAME, MC_NAME)
 
@@ -203,6 +204,14 @@ def _export(args: argparse.Namespace) -> None:
     if kept_seeing is not None:
         card = graft_into_classifier(models, *kept_seeing, save_keras=False)
         print(f"grafted the classifier's seeing estimator into the new one; updated {card}")
+
+
+def _reexport_theta_e(args: argparse.Namespace) -> None:
+    from training.export import reexport_theta_e_models
+
+    cards = reexport_theta_e_models(Path(args.models), views=args.views, version=args.version)
+    print(f"re-exported with {args.views} views: {', '.join(str(c) for c in cards)}")
+    print("refit the MC model's intervals before serving: python -m training calibrate-regimes")
 
 
 def _ood(args: argparse.Namespace) -> None:
@@ -472,6 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", default=None, help="the cards' version (default: training.export's)"
     )
     export.set_defaults(handler=_export)
+
+    reexport = commands.add_parser(
+        "reexport-theta-e",
+        help="re-export the theta_E graphs (einstein_radius, einstein_radius_mc) from their "
+        ".keras files, averaging over the cutout's rotations (models/ in place)",
+    )
+    reexport.add_argument("--models", default="models")
+    reexport.add_argument(
+        "--views",
+        type=int,
+        choices=(1, 2, 4),
+        default=ROTATIONS,
+        help="rotations by 90 degrees averaged over (2: 0 and 90 degrees)",
+    )
+    reexport.add_argument("--version", required=True, help="the two cards' new version")
+    reexport.set_defaults(handler=_reexport_theta_e)
 
     ood = commands.add_parser(
         "ood",

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from service.contract.uncertainty import QUANTILE_LEVELS, mixture_quantiles, summarise_mc_samples
 from training import metrics as m
 from training.dataset import load_dataset
+from training.symmetry import ROTATIONS, average_over_views, rotate_images
 from training.train import RUN_FILES, TRAINING_SUMMARY, prepare
 
 matplotlib.use("Agg")
@@ -161,6 +162,25 @@ def _mixture_levels(runs_dir: Path) -> tuple[float, ...]:
     return QUANTILE_LEVELS if calibration is None else tuple(calibration["mixture_levels"])
 
 
+def _theta_e_predictions(models: dict, images: NDArray) -> tuple[NDArray, NDArray]:
+    """(parameters (N, 5), MC samples (N, T, 2)) as the exported graphs give them.
+
+    The graphs see each cutout in :data:`~training.symmetry.ROTATIONS` rotations
+    (:mod:`training.symmetry`): the point estimates are averaged over the views
+    and MC pass t comes from view t mod ROTATIONS.
+    """
+    views = [rotate_images(images, k) for k in range(ROTATIONS)]
+    parameters = average_over_views(
+        np.stack([models["einstein_radius"].predict(v, batch_size=512, verbose=0) for v in views])
+    )
+    per_view = np.stack(
+        [models["einstein_radius_mc"].predict(v, batch_size=64, verbose=0) for v in views]
+    )
+    passes = np.arange(per_view.shape[2])
+    mc = per_view[passes % ROTATIONS, :, passes].transpose(1, 0, 2)
+    return parameters, mc
+
+
 def evaluate_all(data_dir: Path, runs_dir: Path) -> dict:
     """Evaluate the models in ``runs_dir`` on the split in ``data_dir``; write metrics and plots."""
     split = prepare(load_dataset(data_dir))
@@ -170,8 +190,7 @@ def evaluate_all(data_dir: Path, runs_dir: Path) -> dict:
     }
 
     probabilities = models["lens_classifier"].predict(split.images, batch_size=512, verbose=0)[:, 0]
-    parameters = models["einstein_radius"].predict(split.images[lenses], batch_size=512, verbose=0)
-    mc = models["einstein_radius_mc"].predict(split.images[lenses], batch_size=64, verbose=0)
+    parameters, mc = _theta_e_predictions(models, split.images[lenses])
     true = split.parameters[lenses]
 
     results = {

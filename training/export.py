@@ -27,20 +27,24 @@ from training.config import BANDS, PIXEL_SCALE_ARCSEC
 from training.evaluate import METRICS_FILE, PLOT_FILES
 from training.models import (
     PARAMETER_NAMES,
+    average_parameters_over_views,
     build_mc_sampler,
     mc_trunk_and_head,
     regressor_point_head,
+    rotated_views,
 )
+from training.symmetry import ROTATIONS
 from training.train import RUN_FILES, TRAINING_SUMMARY
 
-MODEL_VERSION = "2.3.0"
+MODEL_VERSION = "2.4.0"
 ONNX_OPSET = 17
 
 _PARAMETERS_OUTPUT = {
     "name": "parameters",
     "shape": [None, len(PARAMETER_NAMES)],
     "dtype": "float32",
-    "meaning": "deflector mass parameters (point estimates), in the order of components",
+    "meaning": "deflector mass parameters (point estimates, averaged over the cutout's "
+    "rotations by 90 degrees), in the order of components",
     "components": list(PARAMETER_NAMES),
     "units": ["arcsec", "", "", "arcsec", "arcsec"],
 }
@@ -69,7 +73,8 @@ _OUTPUTS = {
             "name": "theta_E_samples",
             "shape": [None, None],
             "dtype": "float32",
-            "meaning": "theta_E mean of each MC-dropout pass (batch, num_samples)",
+            "meaning": "theta_E mean of each MC-dropout pass (batch, num_samples); "
+            "pass t sees the cutout rotated by (t mod theta_E_views) x 90 degrees",
             "unit": "arcsec",
         },
         {
@@ -81,11 +86,14 @@ _OUTPUTS = {
         },
         {
             **_PARAMETERS_OUTPUT,
-            "meaning": "the einstein_radius point estimates, from the same trunk pass "
+            "meaning": "the einstein_radius point estimates, from the same trunk passes "
             "(deterministic; equal to einstein_radius.onnx), in the order of components",
         },
     ],
 }
+
+THETA_E_MODELS = ("einstein_radius", "einstein_radius_mc")
+"""The models whose graphs average over the cutout's rotations."""
 
 _DESCRIPTIONS = {
     "lens_classifier": "CNN lens finder: P(strong lens) for a g, r, i DES-like cutout.",
@@ -111,11 +119,15 @@ def _check_shared_trunk(trunk: keras.Model, regressor: keras.Model) -> None:
         )
 
 
-def _function_for(name: str, model: keras.Model, *, regressor: keras.Model | None = None):
+def _function_for(
+    name: str, model: keras.Model, *, regressor: keras.Model | None = None, views: int = ROTATIONS
+):
     """The tf.function exported for each model, with named inputs and outputs.
 
     The MC graph needs ``regressor``: it also outputs the regressor's point
-    estimates from its one trunk pass (the trunk the MC head was trained on).
+    estimates from its trunk passes (the trunk the MC head was trained on).
+    The theta_E graphs see each cutout in ``views`` rotations by 90 degrees
+    (:mod:`training.symmetry`); the classifier sees it once.
     """
     image_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name="image")
     if name == "einstein_radius_mc":
@@ -128,6 +140,7 @@ def _function_for(name: str, model: keras.Model, *, regressor: keras.Model | Non
             head,
             tuple(model.input_shape[1:]),
             point_head=regressor_point_head(regressor),
+            views=views,
         )
     if name == "lens_classifier":
         return _classifier_with_features(model, image_spec)
@@ -135,7 +148,8 @@ def _function_for(name: str, model: keras.Model, *, regressor: keras.Model | Non
 
     @tf.function(input_signature=[image_spec])
     def predict(image):
-        return tf.identity(model(image, training=False), name=output_name)
+        per_view = model(rotated_views(image, views), training=False)
+        return tf.identity(average_parameters_over_views(per_view, views), name=output_name)
 
     return predict
 
@@ -188,10 +202,15 @@ def _unseed_random_nodes(proto: onnx.ModelProto) -> None:
 
 
 def export_onnx(
-    name: str, model: keras.Model, path: Path, *, regressor: keras.Model | None = None
+    name: str,
+    model: keras.Model,
+    path: Path,
+    *,
+    regressor: keras.Model | None = None,
+    views: int = ROTATIONS,
 ) -> None:
     """Convert one model with tf2onnx and write it to ``path`` (MC needs ``regressor``)."""
-    function = _function_for(name, model, regressor=regressor)
+    function = _function_for(name, model, regressor=regressor, views=views)
     proto, _ = tf2onnx.convert.from_function(
         function, input_signature=function.input_signature, opset=ONNX_OPSET
     )
@@ -220,6 +239,35 @@ def reexport_classifier(models_dir: Path) -> Path:
     ModelCard.model_validate(card)
     card_path.write_text(json.dumps(card, indent=2) + "\n")
     return card_path
+
+
+def reexport_theta_e_models(models_dir: Path, *, views: int, version: str) -> list[Path]:
+    """Re-export ``models_dir``'s theta_E graphs from their ``.keras`` files, ``views`` rotations.
+
+    The weights stay; the ONNX files, and in the cards the version, outputs,
+    ``theta_E_views`` and sha256, change. The MC card's intervals were fitted
+    on the old graph: refit them (``calibrate-regimes``) before serving.
+    Returns the cards' paths.
+    """
+    cards = []
+    regressor = keras.saving.load_model(models_dir / RUN_FILES["einstein_radius"], compile=False)
+    for name in THETA_E_MODELS:
+        card_path = models_dir / f"{name}.json"
+        read_model_card(card_path)  # refuse to rewrite a card the service would not read
+        card = json.loads(card_path.read_text())
+        model = keras.saving.load_model(models_dir / card["keras_file"], compile=False)
+        onnx_path = models_dir / card["onnx_file"]
+        export_onnx(name, model, onnx_path, regressor=regressor, views=views)
+        card.update(
+            version=version,
+            outputs=_OUTPUTS[name],
+            theta_E_views=views,
+            onnx_sha256=sha256_of(onnx_path),
+        )
+        ModelCard.model_validate(card)
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        cards.append(card_path)
+    return cards
 
 
 def sha256_of(path: Path) -> str:
@@ -292,13 +340,15 @@ def model_card(
         "onnx_opset": ONNX_OPSET,
         "keras_file": keras_file,
     }
+    if name in THETA_E_MODELS:
+        card["theta_E_views"] = ROTATIONS
     if name == "einstein_radius_mc":
         card["extra_inputs"] = [
             {
                 "name": "num_samples",
                 "shape": [],
                 "dtype": "int32",
-                "meaning": "MC-dropout passes per cutout (one trunk pass, T head passes)",
+                "meaning": "MC-dropout passes per cutout (one trunk pass per view, T head passes)",
             }
         ]
         card["default_num_samples"] = int(training.get("model_config", {}).get("mc_samples", 100))

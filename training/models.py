@@ -190,21 +190,55 @@ def regressor_point_head(regressor: keras.Model) -> keras.Model:
     return keras.Model(features, parameters, name="einstein_radius_point_head")
 
 
+def rotated_views(image, views: int):
+    """TensorFlow: (N, H, W, C) -> (views * N, H, W, C), view k rotated by k × 90 degrees.
+
+    View-major, in :func:`training.symmetry.rotate_images`' convention
+    (``numpy.rot90`` over the pixel axes), written with transposes and
+    reversals so tf2onnx exports plain ``Transpose`` and ``Slice`` nodes.
+    """
+    import tensorflow as tf
+
+    rotations = (
+        lambda x: x,
+        lambda x: tf.transpose(tf.reverse(x, [2]), [0, 2, 1, 3]),
+        lambda x: tf.reverse(x, [1, 2]),
+        lambda x: tf.transpose(tf.reverse(x, [1]), [0, 2, 1, 3]),
+    )
+    return tf.concat([rotations[k](image) for k in range(views)], axis=0)
+
+
+def average_parameters_over_views(view_parameters, views: int):
+    """TensorFlow: (views * N, 5) view-major parameters -> (N, 5) in the unrotated frame."""
+    import numpy as np
+    import tensorflow as tf
+
+    from training.symmetry import parameter_map
+
+    maps = tf.constant(np.stack([parameter_map(k) for k in range(views)]), tf.float32)
+    per_view = tf.reshape(view_parameters, (views, -1, view_parameters.shape[-1]))
+    return tf.reduce_mean(tf.einsum("vnq,vqp->vnp", per_view, maps), axis=0)
+
+
 def build_mc_sampler(
     trunk: keras.Model,
     head: keras.Model,
     input_shape: tuple[int, ...],
     *,
     point_head: keras.Model | None = None,
+    views: int = 1,
 ):
     """A ``tf.function`` (image, num_samples) -> (means, log_variances), each (batch, T).
 
-    This is the graph exported to ONNX: one trunk pass per cutout, then the
-    head on T tiled copies of the features, so T samples cost little more
-    than one pass. With ``point_head`` (:func:`regressor_point_head`) it also
-    returns the regressor's ``parameters`` (batch, 5) from the same trunk pass,
-    so the point estimates need no second trunk. Needs the TensorFlow backend
-    (export only).
+    This is the graph exported to ONNX: one trunk pass per cutout and view,
+    then the head on T copies of the features, so T samples cost little more
+    than the trunk. With ``views`` > 1 the cutout is seen in that many
+    rotations (:func:`rotated_views`) and pass t uses view t mod ``views``, so
+    the mixture spans the views at the same head cost. With ``point_head``
+    (:func:`regressor_point_head`) it also returns the regressor's
+    ``parameters`` (batch, 5) from the same trunk passes, averaged over the
+    views, so the point estimates need no second trunk. Needs the TensorFlow
+    backend (export only).
     """
     import tensorflow as tf
 
@@ -215,14 +249,16 @@ def build_mc_sampler(
         ]
     )
     def sample(image, num_samples):
-        features = trunk(image, training=False)
-        repeated = tf.tile(features[:, None, :], tf.stack([1, num_samples, 1]))
-        out = head(repeated, training=False)
+        features = trunk(rotated_views(image, views), training=False)
+        per_view = tf.reshape(features, (views, -1, features.shape[-1]))
+        view_of_pass = tf.math.floormod(tf.range(num_samples), views)
+        passes = tf.transpose(tf.gather(per_view, view_of_pass), [1, 0, 2])
+        out = head(passes, training=False)
         means = tf.identity(out[..., 0], name="theta_E_samples")
         log_variances = tf.identity(out[..., 1], name="theta_E_log_variance_samples")
         if point_head is None:
             return means, log_variances
-        parameters = tf.identity(point_head(features, training=False), name="parameters")
-        return means, log_variances, parameters
+        parameters = average_parameters_over_views(point_head(features, training=False), views)
+        return means, log_variances, tf.identity(parameters, name="parameters")
 
     return sample

@@ -41,7 +41,7 @@ FEATURES_OUTPUT = "features"
 #: Optional classifier output: each band's seeing FWHM (log10 arcsec) as a small network in
 #: the classifier's graph estimates it, for the score's seeing term (method ``..._psf_v2``).
 SEEING_OUTPUT = "psf_fwhm_log10_arcsec"
-#: Optional MC output: the regressor's point parameters from the MC graph's one trunk pass.
+#: Optional MC output: the regressor's point parameters from the MC graph's own trunk passes.
 #: When the MC card lists it, the full answer runs two models instead of three.
 MC_PARAMETERS_OUTPUT = "parameters"
 #: Order of the regressor's ``parameters`` components the service reports.

@@ -13,7 +13,8 @@ map is the mean drop of the patches that cover it, and 0 where none does.
 Cost and geometry
     Every occluded copy costs one classifier and one regressor pass, which is
     about what the plain answer costs per cutout (the classifier plus the MC
-    graph's one trunk pass: ``lensserve bench`` rows (a) and (b) differ by 8-15%).
+    graph's trunk passes, one per rotation as in the regressor: ``lensserve
+    bench`` rows (a) and (b) differ by 8-15%).
     An explanation with K patches therefore costs about 1 + K plain answers;
     to stay within 10x, K is 9: a 3 x 3 grid of 8 x 8 pixel patches with
     stride 8 over the central 24 x 24 pixels (6.3 arcsec square). The cutouts

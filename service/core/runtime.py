@@ -469,7 +469,7 @@ class OnnxModelRuntime:
         mc_feeds = {"image": images, NUM_SAMPLES_INPUT: np.asarray(num_samples, dtype=np.int32)}
         mc_outputs = list(REQUIRED_OUTPUTS[MC_NAME])
         if self.models.mc_gives_parameters:
-            # One trunk pass gives the distribution and the point estimates: two model
+            # The same trunk passes give the distribution and the point estimates: two model
             # calls, not three (the regressor's session still serves the OIP endpoint).
             means, log_variances, parameters = self._run(
                 mc_session, MC_NAME, mc_feeds, [*mc_outputs, MC_PARAMETERS_OUTPUT]

@@ -62,6 +62,35 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     mc_metrics = json.loads((models / "einstein_radius_mc.json").read_text())["metrics"]
     assert 0.0 <= mc_metrics["coverage_68"] <= 1.0
     _check_classifier_round(models, data, tmp_path / "tuned_from_models", image)
+    _check_reexport_theta_e(models, image)
+
+
+def _check_reexport_theta_e(models, image) -> None:
+    """The exported regressor is the Keras one averaged over four rotations; reexport-theta-e
+    rewrites both theta_E graphs (here with one view: the Keras model itself) and their cards."""
+    import keras
+
+    from training.symmetry import average_over_views, rotate_images
+
+    def onnx_parameters():
+        session = ort.InferenceSession(
+            str(models / "einstein_radius.onnx"), providers=["CPUExecutionProvider"]
+        )
+        return session.run(None, {"image": image})[0]
+
+    regressor = keras.saving.load_model(models / "einstein_radius.keras", compile=False)
+    per_view = np.stack([regressor.predict(rotate_images(image, k), verbose=0) for k in range(4)])
+    assert json.loads((models / "einstein_radius.json").read_text())["theta_E_views"] == 4
+    np.testing.assert_allclose(onnx_parameters(), average_over_views(per_view), atol=1e-4)
+
+    command = ["reexport-theta-e", "--models", str(models), "--views", "1"]
+    assert main([*command, "--version", "9.9.9"]) == 0
+    np.testing.assert_allclose(onnx_parameters(), per_view[0], atol=1e-4)
+    for name in ("einstein_radius", "einstein_radius_mc"):
+        card = json.loads((models / f"{name}.json").read_text())
+        assert (card["version"], card["theta_E_views"]) == ("9.9.9", 1)
+        onnx_file = models / card["onnx_file"]
+        assert hashlib.sha256(onnx_file.read_bytes()).hexdigest() == card["onnx_sha256"]
 
 
 def _check_seeing_and_ood(models, data) -> None:
