@@ -1,50 +1,32 @@
-"""The pixel grid's rotations by 90 degrees and how the mass parameters turn with them.
+"""The cutout's four rotations by 90 degrees, as the theta_E graphs average over them.
 
 The regressor is averaged over the four rotations of its input (test-time
 symmetry averaging): a lens rotated by 90 degrees has the same Einstein radius,
 its ellipticity (e1, e2) changes sign (a spin-2 quantity turned by 90 degrees)
-and its centre turns with the grid. The exported graphs do this in TensorFlow
-(:func:`training.models.rotated_views`); these numpy twins define the
-convention and let tests and validation check the graphs against it.
-
-Rotation ``k`` is ``numpy.rot90(images, k, axes=(1, 2))`` of NHWC images. The
-parameter maps were measured on the shipped regressor before being written
-down (least-squares fit of each view's outputs on the unrotated ones: ±0.97–0.99
-on the expected entries, |other entries| ≤ 0.01).
+and its centre turns with the grid. The convention is the training
+augmentation's (:func:`training.augment.rotate90`, one ``numpy.rot90`` step
+over the pixel axes). The exported graphs do the same in TensorFlow
+(:func:`training.models.rotated_views`); these numpy functions define it for
+them, and let tests and validation check the graphs. Measured on the shipped
+regressor before the graphs were built: a least-squares fit of each view's
+outputs on the unrotated ones gives ±0.97–0.99 on these maps' entries and
+|other entries| ≤ 0.01.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from training.augment import rotate90
+
 ROTATIONS = 4
 """Views the exported theta_E graphs average over (0, 90, 180 and 270 degrees)."""
 
-# Rows: the view's (theta_E, e1, e2, center_x, center_y); columns: the unrotated ones.
-_PARAMETER_MAPS = (
-    np.eye(5),
-    np.array(
-        [
-            [1, 0, 0, 0, 0],
-            [0, -1, 0, 0, 0],
-            [0, 0, -1, 0, 0],
-            [0, 0, 0, 0, 1],
-            [0, 0, 0, -1, 0],
-        ],
-        dtype=float,
-    ),
-    np.diag([1.0, 1.0, 1.0, -1.0, -1.0]),
-    np.array(
-        [
-            [1, 0, 0, 0, 0],
-            [0, -1, 0, 0, 0],
-            [0, 0, -1, 0, 0],
-            [0, 0, 0, 0, -1],
-            [0, 0, 0, 1, 0],
-        ],
-        dtype=float,
-    ),
-)
+
+def _quarter_turn_map() -> np.ndarray:
+    """(5, 5) matrix of :func:`training.augment.rotate90`'s parameter transform."""
+    _, turned = rotate90(np.zeros((5, 1, 1, 1)), np.eye(5))
+    return turned.T
 
 
 def rotate_images(images: np.ndarray, k: int) -> np.ndarray:
@@ -57,7 +39,7 @@ def parameter_map(k: int) -> np.ndarray:
 
     Orthogonal, so its transpose maps a view's parameters back.
     """
-    return _PARAMETER_MAPS[k % 4]
+    return np.linalg.matrix_power(_quarter_turn_map(), k % 4)
 
 
 def average_over_views(view_parameters: np.ndarray) -> np.ndarray:
