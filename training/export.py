@@ -92,6 +92,17 @@ _OUTPUTS = {
     ],
 }
 
+_EXTRA_INPUTS = {
+    "einstein_radius_mc": [
+        {
+            "name": "num_samples",
+            "shape": [],
+            "dtype": "int32",
+            "meaning": "MC-dropout passes per cutout (one trunk pass per view, T head passes)",
+        }
+    ],
+}
+
 THETA_E_MODELS = ("einstein_radius", "einstein_radius_mc")
 """The models whose graphs average over the cutout's rotations."""
 
@@ -260,6 +271,7 @@ def reexport_theta_e_models(models_dir: Path, *, views: int, version: str) -> li
         export_onnx(name, model, onnx_path, regressor=regressor, views=views)
         card.update(
             version=version,
+            extra_inputs=_EXTRA_INPUTS.get(name, []),
             outputs=_OUTPUTS[name],
             theta_E_views=views,
             onnx_sha256=sha256_of(onnx_path),
@@ -330,7 +342,7 @@ def model_card(
             "pixel_scale_arcsec": PIXEL_SCALE_ARCSEC,
             "preprocessing": PREPROCESSING_ID,
         },
-        "extra_inputs": [],
+        "extra_inputs": _EXTRA_INPUTS.get(name, []),
         "outputs": _OUTPUTS[name],
         "training": training,
         "training_data": _training_data(data_dirs),
@@ -343,14 +355,6 @@ def model_card(
     if name in THETA_E_MODELS:
         card["theta_E_views"] = ROTATIONS
     if name == "einstein_radius_mc":
-        card["extra_inputs"] = [
-            {
-                "name": "num_samples",
-                "shape": [],
-                "dtype": "int32",
-                "meaning": "MC-dropout passes per cutout (one trunk pass per view, T head passes)",
-            }
-        ]
         card["default_num_samples"] = int(training.get("model_config", {}).get("mc_samples", 100))
         card["aleatoric_calibration_factor"] = training.get("aleatoric_calibration_factor")
         if training.get("interval_calibration") is not None:
