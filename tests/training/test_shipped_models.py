@@ -17,6 +17,7 @@ keras = pytest.importorskip("keras")
 import training  # noqa: E402,F401  (registers the custom layers)
 from service.contract.preprocessing import PREPROCESSING_ID, preprocess_batch  # noqa: E402
 from training.models import build_mc_sampler, mc_trunk_and_head  # noqa: E402
+from training.symmetry import average_over_views, parameter_map, rotate_images  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
@@ -57,7 +58,14 @@ def test_card_names_its_files_and_hash(name):
 def test_deterministic_models_match_keras(name, cubes):
     images = preprocess_batch(cubes)
     model = keras.saving.load_model(MODELS / f"{name}.keras")
-    expected = model.predict(images, verbose=0)
+    if name == "einstein_radius":
+        # The graph averages the Keras model over the cutout's rotations by 90 degrees.
+        views = _card(name)["theta_E_views"]
+        expected = average_over_views(
+            np.stack([model.predict(rotate_images(images, k), verbose=0) for k in range(views)])
+        )
+    else:
+        expected = model.predict(images, verbose=0)
     got, *features = _session(name).run(None, {"image": images})
     np.testing.assert_allclose(got, expected, atol=1e-4)
     if name == "lens_classifier":
@@ -87,6 +95,19 @@ def test_mc_graph_gives_the_regressor_point_estimates(cubes):
     np.testing.assert_array_equal(again, got)
 
 
+@pytest.mark.parametrize("name", ["einstein_radius", "einstein_radius_mc"])
+def test_theta_e_graphs_turn_with_the_cutout(name, cubes):
+    """Averaged over the four rotations, a rotated cutout gets the same θ_E and turned e, centre."""
+    assert _card(name)["theta_E_views"] == 4
+    images = preprocess_batch(cubes)
+    feeds = {"num_samples": np.array(3, np.int32)} if name == "einstein_radius_mc" else {}
+    session = _session(name)
+    (base,) = session.run(["parameters"], {"image": images, **feeds})
+    for k in (1, 2, 3):
+        (turned,) = session.run(["parameters"], {"image": rotate_images(images, k), **feeds})
+        np.testing.assert_allclose(turned, base @ parameter_map(k).T, atol=1e-4)
+
+
 def test_mc_model_is_stochastic_and_matches_keras_in_distribution(cubes):
     image = preprocess_batch(cubes[1:2])
     session = _session("einstein_radius_mc")
@@ -98,7 +119,8 @@ def test_mc_model_is_stochastic_and_matches_keras_in_distribution(cubes):
 
     model = keras.saving.load_model(MODELS / "einstein_radius_mc.keras")
     trunk, head = mc_trunk_and_head(model)
-    keras_means, keras_log_variances = build_mc_sampler(trunk, head, image.shape[1:])(
+    views = _card("einstein_radius_mc")["theta_E_views"]
+    keras_means, keras_log_variances = build_mc_sampler(trunk, head, image.shape[1:], views=views)(
         image, np.int32(n)
     )
     for onnx_values, keras_values in ((first[0], keras_means), (first[1], keras_log_variances)):
