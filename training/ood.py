@@ -23,15 +23,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from numpy.typing import NDArray
 
 from service.contract.cards import (
     CLASSIFIER_NAME,
     FEATURES_OUTPUT,
-    MC_PARAMETERS_OUTPUT,
-    NUM_SAMPLES_INPUT,
-    REGRESSOR_NAME,
     SEEING_OUTPUT,
     ModelSet,
     OutOfDistributionSpec,
@@ -48,7 +44,7 @@ from service.contract.ood import (
     read_ood_statistics,
     spread_pass_means,
 )
-from service.contract.preprocessing import preprocess_batch, signal_to_noise
+from service.contract.preprocessing import preprocess_batch
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
     MixtureSummary,
@@ -57,6 +53,7 @@ from service.contract.uncertainty import (
 )
 from training.config import FLAGGED_FRACTION, SEEING_OFFSET, TAIL_QUANTILE
 from training.dataset import load_dataset
+from training.mc_passes import McPasses, McRunner, cpu_session
 from training.metrics import auroc, bootstrap_interval
 
 #: File of the statistics, next to the classifier's card.
@@ -99,59 +96,6 @@ class Scored:
         return self.mc_means.astype(np.float64).std(axis=1)
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
-@dataclass(frozen=True)
-class McPasses:
-    """The MC model's passes over a set of cutouts, and what places each in a regime."""
-
-    means: NDArray[np.float32]
-    """(n, T) theta_E of each pass (arcsec)."""
-    log_variances: NDArray[np.float32]
-    point_theta_E: NDArray[np.float64]
-    """(n,) the regressor's point theta_E (arcsec)."""
-    signal_to_noise: NDArray[np.float64]
-
-
-class _McRunner:
-    """Runs the MC graph (and the regressor, when that graph lacks its point output) batch
-    by batch, as the service does, and collects :class:`McPasses`."""
-
-    def __init__(self, models_dir: Path):
-        models = read_model_cards(models_dir)
-        self._mc = _session(models_dir / models.mc.onnx_file)
-        self._regressor = (
-            None
-            if models.mc_gives_parameters
-            else _session(models_dir / models.cards[REGRESSOR_NAME].onnx_file)
-        )
-        self._parts: list[tuple[NDArray, ...]] = []
-
-    def run(self, batch: NDArray[np.float32]) -> None:
-        outputs = ["theta_E_samples", "theta_E_log_variance_samples"]
-        if self._regressor is None:
-            outputs.append(MC_PARAMETERS_OUTPUT)
-        values = self._mc.run(
-            outputs, {"image": batch, NUM_SAMPLES_INPUT: np.asarray(_MC_SAMPLES, dtype=np.int32)}
-        )
-        if self._regressor is None:
-            means, log_variances, parameters = values
-        else:
-            means, log_variances = values
-            (parameters,) = self._regressor.run(None, {"image": batch})
-        self._parts.append((means, log_variances, parameters[:, 0], signal_to_noise(batch)))
-
-    def result(self) -> McPasses:
-        means, log_variances, point, snr = (
-            np.concatenate(part) for part in zip(*self._parts, strict=True)
-        )
-        return McPasses(means, log_variances, point.astype(np.float64), snr.astype(np.float64))
-
-
 def score_inputs(
     models_dir: Path, images: NDArray[np.floating], *, epistemic: bool = False
 ) -> tuple[NDArray[np.float32], NDArray[np.float64], McPasses | None, NDArray | None]:
@@ -174,11 +118,11 @@ def score_inputs(
             f"{models_dir / classifier_card.onnx_file} has no {FEATURES_OUTPUT!r} output; "
             "re-export the classifier (python -m training export, or reexport_classifier)"
         )
-    classifier = _session(models_dir / classifier_card.onnx_file)
+    classifier = cpu_session((models_dir / classifier_card.onnx_file).read_bytes())
     has_seeing = SEEING_OUTPUT in classifier_card.output_names
     outputs = [FEATURES_OUTPUT, SEEING_OUTPUT] if has_seeing else [FEATURES_OUTPUT]
-    passes = _McRunner(models_dir) if epistemic else None
-    features, inputs, seeing = [], [], []
+    runner = McRunner(read_model_cards(models_dir), num_samples=_MC_SAMPLES) if epistemic else None
+    features, inputs, seeing, passes = [], [], [], []
     for start in range(0, len(images), _BATCH):
         cubes = np.asarray(images[start : start + _BATCH])
         batch = preprocess_batch(cubes)
@@ -186,12 +130,12 @@ def score_inputs(
         features.append(values[0])
         seeing.extend(values[1:])
         inputs.extend(input_statistics(cube) for cube in cubes)
-        if passes is not None:
-            passes.run(batch)
+        if runner is not None:
+            passes.append(runner.run(batch))
     return (
         np.concatenate(features).astype(np.float32),
         np.stack(inputs),
-        passes.result() if passes is not None else None,
+        McPasses.concatenate(passes) if runner is not None else None,
         np.concatenate(seeing).astype(np.float32) if has_seeing else None,
     )
 

@@ -20,7 +20,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,14 +33,12 @@ from numpy.typing import NDArray
 from service.contract.cards import (
     CLASSIFIER_NAME,
     MC_NAME,
-    MC_PARAMETERS_OUTPUT,
-    NUM_SAMPLES_INPUT,
     REGRESSOR_NAME,
     ModelCard,
     dump_model_card,
     read_model_cards,
 )
-from service.contract.preprocessing import preprocess_batch, signal_to_noise
+from service.contract.preprocessing import preprocess_batch
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
     calibrate_by_regime,
@@ -49,6 +46,7 @@ from service.contract.uncertainty import (
 )
 from training import metrics as m
 from training.dataset import CONFIG_FILE, LABEL_FILE
+from training.mc_passes import McRunner, cpu_session
 
 REPORT_JSON = "report.json"
 REPORT_MARKDOWN = "report.md"
@@ -161,13 +159,6 @@ def dataset_fingerprint(data_dir: Path) -> dict[str, Any]:
     }
 
 
-def _session(card: ModelCard, onnx_bytes: bytes, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-
-
 def predict_set(
     models_dir: Path,
     data_dir: Path,
@@ -199,19 +190,9 @@ def predict_set(
         onnxruntime intra-op threads; None: every core.
     """
     models = read_model_cards(models_dir)
-    threads = threads or os.cpu_count() or 1
-    classifier = _session(models.classifier, models.onnx_bytes[CLASSIFIER_NAME], threads)
-    regressor = (
-        None
-        if models.mc_gives_parameters
-        else _session(models.regressor, models.onnx_bytes[REGRESSOR_NAME], threads)
-    )
+    classifier = cpu_session(models.onnx_bytes[CLASSIFIER_NAME], threads)
     ort.set_seed(seed)
-    mc = _session(models.mc, models.onnx_bytes[MC_NAME], threads)
-    mc_outputs = ["theta_E_samples", "theta_E_log_variance_samples"]
-    if regressor is None:
-        mc_outputs.append(MC_PARAMETERS_OUTPUT)
-    samples = np.asarray(num_samples, dtype=np.int32)
+    runner = McRunner(models, num_samples=num_samples, threads=threads)
 
     probabilities, point, quantiles, means = [], [], [], []
     start = 0
@@ -227,28 +208,22 @@ def predict_set(
             lens_images = images[shard_lenses[first : first + _BATCH]]
             if not len(lens_images):
                 continue
-            outputs = mc.run(mc_outputs, {"image": lens_images, NUM_SAMPLES_INPUT: samples})
-            if regressor is None:
-                theta_samples, log_variances, parameters = outputs
-            else:
-                theta_samples, log_variances = outputs
-                (parameters,) = regressor.run(None, {"image": lens_images})
-            point_theta = np.asarray(parameters, dtype=np.float64)[:, 0]
+            passes = runner.run(lens_images)
             # As the service answers (service.core.inference._summarise, less the widening
             # of the <= 1% of cutouts flagged out of distribution): the card's per-regime
             # table when it has one, else the mixture read at its recalibrated levels.
             table = models.mc_regime_table
             levels = None if table is not None else models.mc_mixture_levels
-            summary = summarise_mc_samples(theta_samples, log_variances, levels)
+            summary = summarise_mc_samples(passes.means, passes.log_variances, levels)
             if table is not None:
                 summary = calibrate_by_regime(
                     summary,
                     table,
-                    theta_E_arcsec=point_theta,
-                    signal_to_noise=signal_to_noise(lens_images),
+                    theta_E_arcsec=passes.point_theta_E,
+                    signal_to_noise=passes.signal_to_noise,
                     num_samples=int(num_samples),
                 )
-            point.append(point_theta)
+            point.append(passes.point_theta_E)
             quantiles.append(summary.quantiles)
             means.append(summary.mean)
         start = stop
