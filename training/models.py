@@ -3,10 +3,12 @@
 Every model is a deterministic convolutional trunk followed by a task head
 (keras-hub style: backbone separate from head, stable derived layer names).
 ``einstein_radius_mc`` reuses the ``einstein_radius`` trunk and puts all its
-dropout in a small head, so T Monte Carlo samples cost one trunk pass plus T
-cheap head passes (see :func:`build_mc_sampler`); the exported MC graph also
-applies the regressor's own head to that trunk pass, so one ONNX call gives
-the point estimates and the distribution.
+dropout in a small head, so T Monte Carlo samples cost one trunk pass (per
+view: the exported theta_E graphs see the cutout's four rotations,
+:mod:`training.symmetry`) plus T cheap head passes (see
+:func:`build_mc_sampler`); the exported MC graph also applies the regressor's
+own head to those trunk passes, so one ONNX call gives the point estimates and
+the distribution.
 """
 
 from __future__ import annotations
