@@ -27,13 +27,10 @@ from numpy.typing import NDArray
 
 from service.contract.cards import (
     MC_NAME,
-    MC_PARAMETERS_OUTPUT,
-    NUM_SAMPLES_INPUT,
-    REGRESSOR_NAME,
     RegimeCalibration,
     read_model_cards,
 )
-from service.contract.preprocessing import noise_level, preprocess_batch, signal_to_noise
+from service.contract.preprocessing import noise_level, preprocess_batch
 from service.contract.uncertainty import (
     QUANTILE_LEVELS,
     REGIME_TABLE_LEVELS,
@@ -44,6 +41,7 @@ from service.contract.uncertainty import (
     summarise_mc_samples,
 )
 from training.dataset import load_dataset
+from training.mc_passes import McPasses, McRunner
 
 #: Width of the bins of predicted theta_E (arcsec).
 BIN_WIDTH_ARCSEC = 0.5
@@ -114,37 +112,23 @@ def predict_lenses(
     levels = models.mc_mixture_levels
     # onnxruntime seeds the graph's dropout generator when the session is created.
     ort.set_seed(seed)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 2  # a modest share of a shared machine
-    mc = ort.InferenceSession(
-        models.onnx_bytes[MC_NAME], options, providers=["CPUExecutionProvider"]
-    )
-    regressor = None
-    if not models.mc_gives_parameters:
-        regressor = ort.InferenceSession(
-            models.onnx_bytes[REGRESSOR_NAME], options, providers=["CPUExecutionProvider"]
-        )
-    outputs = ["theta_E_samples", "theta_E_log_variance_samples"]
-    if regressor is None:
-        outputs.append(MC_PARAMETERS_OUTPUT)
-    point: list[NDArray] = []
+    # Two threads: a modest share of a shared machine.
+    runner = McRunner(models, num_samples=max(num_samples), threads=2)
+    batches: list[McPasses] = []
     parts: dict[int, list[MixtureSummary]] = {t: [] for t in num_samples}
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        feeds = {"image": batch, NUM_SAMPLES_INPUT: np.asarray(max(num_samples), np.int32)}
-        means, log_variances, *rest = mc.run(outputs, feeds)
-        if regressor is not None:
-            rest = regressor.run([MC_PARAMETERS_OUTPUT], {"image": batch})
-        point.append(rest[0][:, 0])
+        passes = runner.run(images[start : start + batch_size])
+        batches.append(passes)
+        means, log_variances = passes.means, passes.log_variances
         # The passes are independent draws: the first t of max(T) passes are a draw at t,
         # as the service's batcher serves a request for fewer passes from a shared call.
         for t in num_samples:
             parts[t].append(summarise_mc_samples(means[:, :t], log_variances[:, :t], levels))
+    placed = McPasses.concatenate(batches)
     return LensPredictions(
         truth=np.concatenate(truth).astype(np.float64),
-        theta_E_point=np.concatenate(point).astype(np.float64),
-        signal_to_noise=signal_to_noise(images),
+        theta_E_point=placed.point_theta_E,
+        signal_to_noise=placed.signal_to_noise,
         noise_sigma=np.array([noise_level(c) for c in cube]),
         summaries={t: _concatenate(p) for t, p in parts.items()},
     )
